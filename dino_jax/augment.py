@@ -1,0 +1,250 @@
+"""DINO multi-crop augmentation as pure JAX functions of (key, image), vmapped over the batch.
+
+Input is a batch of uint8 canvases (B, S, S, 3) with the valid height/width of each image
+(the host resized every image, preserving aspect, into the canvas's top-left corner). Every
+crop is cut from the valid region on device, inside the jitted train step:
+
+  random-resized-crop (torchvision's law) -> flip -> colour jitter (random op order)
+  -> grayscale -> Gaussian blur -> solarize -> normalise
+
+Per-crop probabilities follow the official DINO table (global 1: blur 1.0; global 2: blur 0.1,
+solarize 0.2; locals: blur 0.5). Output: global crops and local crops, crop-major.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+GRAY = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2 luma, as PIL 'L'
+
+
+@dataclasses.dataclass(frozen=True)
+class CropSpec:
+  size: int
+  scale: tuple[float, float]
+  blur_p: float
+  solarize_p: float
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+  global_crops: tuple[CropSpec, ...]
+  local_crops: tuple[CropSpec, ...]
+  flip_p: float = 0.5
+  jitter_p: float = 0.8
+  brightness: float = 0.4
+  contrast: float = 0.4
+  saturation: float = 0.2
+  hue: float = 0.1
+  grayscale_p: float = 0.2
+  blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+  @classmethod
+  def from_config(cls, config) -> 'AugmentConfig':
+    c = config.crops
+    g = lambda blur, sol: CropSpec(c.global_size, tuple(c.global_scale), blur, sol)
+    local = CropSpec(c.local_size, tuple(c.local_scale), c.local_blur_p, 0.0)
+    return cls(global_crops=(g(c.global1_blur_p, 0.0), g(c.global2_blur_p, c.global2_solarize_p)),
+               local_crops=(local,) * c.n_local,
+               flip_p=c.flip_p, jitter_p=c.jitter_p, brightness=c.brightness,
+               contrast=c.contrast, saturation=c.saturation, hue=c.hue,
+               grayscale_p=c.grayscale_p, blur_sigma=tuple(c.blur_sigma))
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def crop_box(key, h, w, scale, ratio=(3 / 4, 4 / 3), attempts: int = 10):
+  """torchvision RandomResizedCrop.get_params: (top, left, height, width), int32.
+
+  Up to `attempts` draws of area ~ U(scale) * h * w and log-aspect ~ U(log ratio); the first
+  that fits wins; otherwise the centre crop with the aspect clamped into `ratio`.
+  """
+  h = jnp.asarray(h, jnp.float32)
+  w = jnp.asarray(w, jnp.float32)
+  k_area, k_ratio, k_i, k_j = jax.random.split(key, 4)
+  area = h * w * jax.random.uniform(k_area, (attempts,), minval=scale[0], maxval=scale[1])
+  log_r = jax.random.uniform(k_ratio, (attempts,), minval=math.log(ratio[0]),
+                             maxval=math.log(ratio[1]))
+  aspect = jnp.exp(log_r)
+  cw = jnp.round(jnp.sqrt(area * aspect))
+  ch = jnp.round(jnp.sqrt(area / aspect))
+  ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+  first = jnp.argmax(ok)
+  found = ok[first]
+  ch, cw = ch[first], cw[first]
+  top = jnp.floor(jax.random.uniform(k_i) * (h - ch + 1))
+  left = jnp.floor(jax.random.uniform(k_j) * (w - cw + 1))
+  # Fallback: whole image, aspect clamped into [ratio[0], ratio[1]], centred.
+  in_ratio = w / h
+  fw = jnp.where(in_ratio < ratio[0], w, jnp.where(in_ratio > ratio[1], jnp.round(h * ratio[1]), w))
+  fh = jnp.where(in_ratio < ratio[0], jnp.round(w / ratio[0]), h)
+  ftop = jnp.floor((h - fh) / 2)
+  fleft = jnp.floor((w - fw) / 2)
+  box = jnp.where(found, jnp.stack([top, left, ch, cw]), jnp.stack([ftop, fleft, fh, fw]))
+  return box.astype(jnp.int32)
+
+
+def resized_crop(image, box, size: int):
+  """Crop `box` (top, left, height, width) from a float HWC image and resize it to size x size.
+
+  Bicubic, antialiased when shrinking (jax.image.scale_and_translate, Keys cubic).
+  """
+  box = box.astype(jnp.float32)
+  scale = jnp.stack([size / box[2], size / box[3]])
+  translation = -box[:2] * scale
+  return jax.image.scale_and_translate(image, (size, size, image.shape[-1]), (0, 1), scale,
+                                       translation, method='cubic', antialias=True)
+
+
+# ----------------------------------------------------------------------------- colour ops
+# All on float images in [0, 1], with torchvision's definitions.
+
+
+def grayscale(img):
+  return jnp.broadcast_to(img @ GRAY[:, None], img.shape)
+
+
+def adjust_brightness(img, f):
+  return jnp.clip(img * f, 0.0, 1.0)
+
+
+def adjust_contrast(img, f):
+  mean = jnp.mean(img @ GRAY)
+  return jnp.clip(f * img + (1 - f) * mean, 0.0, 1.0)
+
+
+def adjust_saturation(img, f):
+  return jnp.clip(f * img + (1 - f) * grayscale(img), 0.0, 1.0)
+
+
+def rgb_to_hsv(img):
+  r, g, b = img[..., 0], img[..., 1], img[..., 2]
+  maxc = jnp.max(img, axis=-1)
+  minc = jnp.min(img, axis=-1)
+  v = maxc
+  delta = maxc - minc
+  s = jnp.where(maxc > 0, delta / jnp.where(maxc > 0, maxc, 1.0), 0.0)
+  safe = jnp.where(delta > 0, delta, 1.0)
+  rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+  h = jnp.where(maxc == r, bc - gc, jnp.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+  h = jnp.where(delta > 0, (h / 6.0) % 1.0, 0.0)
+  return h, s, v
+
+
+def hsv_to_rgb(h, s, v):
+  i = jnp.floor(h * 6.0)
+  f = h * 6.0 - i
+  p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+  i = i.astype(jnp.int32) % 6
+  r = jnp.choose(i, [v, q, p, p, t, v], mode='clip')
+  g = jnp.choose(i, [t, v, v, q, p, p], mode='clip')
+  b = jnp.choose(i, [p, p, t, v, v, q], mode='clip')
+  return jnp.stack([r, g, b], axis=-1)
+
+
+def adjust_hue(img, shift):
+  h, s, v = rgb_to_hsv(img)
+  return hsv_to_rgb((h + shift) % 1.0, s, v)
+
+
+def solarize(img, threshold=128 / 255):
+  return jnp.where(img >= threshold, 1.0 - img, img)
+
+
+def gaussian_blur_matrix(sigma, size: int, radius: int):
+  """(size, size) matrix of a 1-D Gaussian blur with edge-replicating borders."""
+  offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  weights = jnp.exp(-0.5 * jnp.square(offsets / sigma))
+  weights = weights / jnp.sum(weights)
+  src = jnp.clip(jnp.arange(size)[:, None] + jnp.arange(-radius, radius + 1)[None, :], 0,
+                 size - 1)
+  return jnp.sum(jax.nn.one_hot(src, size) * weights[None, :, None], axis=1)
+
+
+def gaussian_blur(img, sigma, max_sigma: float = 2.0):
+  """Separable Gaussian blur as two small matmuls (fast on CPU, GPU and TPU alike)."""
+  hgt, wid = img.shape[:2]
+  radius = min(int(math.ceil(3 * max_sigma)), max(hgt, wid) - 1)
+  my = gaussian_blur_matrix(sigma, hgt, radius)
+  mx = gaussian_blur_matrix(sigma, wid, radius)
+  return jnp.einsum('yY,xX,YXc->yxc', my, mx, img)
+
+
+# ----------------------------------------------------------------------------- one view
+
+
+def color_jitter(key, img, cfg: AugmentConfig):
+  """Brightness, contrast, saturation and hue with factors ~ U, applied in a random order."""
+  kb, kc, ks, kh, kp = jax.random.split(key, 5)
+  fb = jax.random.uniform(kb, minval=1 - cfg.brightness, maxval=1 + cfg.brightness)
+  fc = jax.random.uniform(kc, minval=1 - cfg.contrast, maxval=1 + cfg.contrast)
+  fs = jax.random.uniform(ks, minval=1 - cfg.saturation, maxval=1 + cfg.saturation)
+  fh = jax.random.uniform(kh, minval=-cfg.hue, maxval=cfg.hue)
+  ops = [lambda x: adjust_brightness(x, fb), lambda x: adjust_contrast(x, fc),
+         lambda x: adjust_saturation(x, fs), lambda x: adjust_hue(x, fh)]
+  order = jax.random.permutation(kp, 4)
+  for i in range(4):
+    img = jax.lax.switch(order[i], ops, img)
+  return img
+
+
+def view(key, canvas, hw, spec: CropSpec, cfg: AugmentConfig):
+  """One augmented crop (size, size, 3) float32 in [0, 1] from a uint8 canvas."""
+  keys = jax.random.split(key, 9)
+  box = crop_box(keys[0], hw[0], hw[1], spec.scale)
+  img = resized_crop(canvas.astype(jnp.float32) / 255.0, box, spec.size)
+  img = jnp.clip(img, 0.0, 1.0)  # the cubic kernel overshoots; PIL clamps to uint8 range
+  img = jnp.where(jax.random.bernoulli(keys[1], cfg.flip_p), img[:, ::-1], img)
+  jittered = color_jitter(keys[2], img, cfg)
+  img = jnp.where(jax.random.bernoulli(keys[3], cfg.jitter_p), jittered, img)
+  img = jnp.where(jax.random.bernoulli(keys[4], cfg.grayscale_p), grayscale(img), img)
+  if spec.blur_p > 0:
+    sigma = jax.random.uniform(keys[5], minval=cfg.blur_sigma[0], maxval=cfg.blur_sigma[1])
+    blurred = gaussian_blur(img, sigma, cfg.blur_sigma[1])
+    img = jnp.where(jax.random.bernoulli(keys[6], spec.blur_p), blurred, img)
+  if spec.solarize_p > 0:
+    img = jnp.where(jax.random.bernoulli(keys[7], spec.solarize_p), solarize(img), img)
+  return img
+
+
+def normalize(img, dtype=jnp.float32):
+  return ((img - MEAN) / STD).astype(dtype)
+
+
+def crops(key, canvas, hw, specs: tuple[CropSpec, ...], cfg: AugmentConfig, dtype):
+  """len(specs) * B crops, crop-major, normalised, in `dtype`."""
+  out = []
+  for c, spec in enumerate(specs):
+    keys = jax.random.split(jax.random.fold_in(key, c), canvas.shape[0])
+    imgs = jax.vmap(view, in_axes=(0, 0, 0, None, None))(keys, canvas, hw, spec, cfg)
+    out.append(normalize(imgs, dtype))
+  return jnp.concatenate(out, axis=0)
+
+
+def multicrop(key, canvas, hw, cfg: AugmentConfig, dtype=jnp.float32):
+  """(global crops (n_global*B, G, G, 3), local crops (n_local*B, L, L, 3) or None)."""
+  k_global, k_local = jax.random.split(key)
+  g = crops(k_global, canvas, hw, cfg.global_crops, cfg, dtype)
+  l = crops(k_local, canvas, hw, cfg.local_crops, cfg, dtype) if cfg.local_crops else None
+  return g, l
+
+
+def center_view(canvas, hw, size: int, crop_fraction: float = 1.0, dtype=jnp.float32):
+  """Evaluation view: the centred square of side crop_fraction * min(h, w), resized, normalised.
+
+  crop_fraction 0.875 is the official Resize(256) + CenterCrop(224).
+  """
+  def one(c, s):
+    side = jnp.floor(jnp.minimum(s[0], s[1]) * crop_fraction)
+    top = jnp.floor((s[0] - side) / 2)
+    left = jnp.floor((s[1] - side) / 2)
+    img = resized_crop(c.astype(jnp.float32) / 255.0, jnp.stack([top, left, side, side]), size)
+    return jnp.clip(img, 0.0, 1.0)
+  return normalize(jax.vmap(one)(canvas, hw), dtype)

@@ -1,0 +1,1 @@
+"""Frozen-feature evaluators: k-NN (knn.py)."""

@@ -1,0 +1,64 @@
+"""DINO loss and centering as pure functions. All math in float32.
+
+Rows are crop-major: student_logits is (n_crops * B, K) ordered [crop0 x B, crop1 x B, ...];
+teacher_logits is (n_global * B, K) for the global crops only.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def teacher_probs(teacher_logits: jax.Array, center: jax.Array, teacher_temp) -> jax.Array:
+  """softmax((t - center) / temp), with no gradient (the teacher is a target)."""
+  t = (teacher_logits.astype(jnp.float32) - center) / teacher_temp
+  return jax.lax.stop_gradient(jax.nn.softmax(t, axis=-1))
+
+
+def cross_entropy_pairs(student_logits: jax.Array, targets: jax.Array, student_temp,
+                        n_global: int) -> jax.Array:
+  """Mean over (global target i, student view v != i) pairs of batch-mean H(q_i, p_v)."""
+  n_rows, k = targets.shape
+  b = n_rows // n_global
+  n_crops = student_logits.shape[0] // b
+  if n_crops * b != student_logits.shape[0] or n_global * b != n_rows:
+    raise ValueError(f'student rows {student_logits.shape[0]} and teacher rows {n_rows} are not '
+                     f'multiples of one batch of {b} with {n_global} global crops')
+  logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
+  logp = logp.reshape(n_crops, b, k)
+  q = targets.reshape(n_global, b, k)
+  # ce[i, v] = batch-mean of -sum_k q_i log p_v
+  ce = -jnp.einsum('ibk,vbk->iv', q, logp, precision=jax.lax.Precision.HIGHEST) / b
+  not_self = jnp.arange(n_global)[:, None] != jnp.arange(n_crops)[None, :]
+  return jnp.sum(jnp.where(not_self, ce, 0.0)) / jnp.sum(not_self)
+
+
+def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.Array,
+              student_temp, teacher_temp, n_global: int = 2) -> jax.Array:
+  """The DINO self-distillation loss of Caron et al. (2021), as the official code computes it."""
+  q = teacher_probs(teacher_logits, center, teacher_temp)
+  return cross_entropy_pairs(student_logits, q, student_temp, n_global)
+
+
+def update_center(center: jax.Array, teacher_logits: jax.Array, momentum=0.9) -> jax.Array:
+  """EMA of the batch mean of the raw teacher logits (global mean under jit with sharding)."""
+  batch_center = jnp.mean(teacher_logits.astype(jnp.float32), axis=0, keepdims=True)
+  return center * momentum + batch_center * (1.0 - momentum)
+
+
+def entropy(p: jax.Array) -> jax.Array:
+  """Mean entropy (nats) of the rows of a probability matrix."""
+  return -jnp.mean(jnp.sum(p * jnp.log(jnp.clip(p, 1e-30)), axis=-1))
+
+
+def distill_stats(student_logits, teacher_logits, center, student_temp, teacher_temp,
+                  n_global: int = 2) -> dict[str, jax.Array]:
+  """Monitoring numbers: teacher entropy and KL(teacher || student) over the global crops.
+
+  Falling teacher entropy with KL near 0 is collapse to one prototype; entropy stuck at log K
+  is collapse to uniform.
+  """
+  q = teacher_probs(teacher_logits, center, teacher_temp)
+  logp = jax.nn.log_softmax(student_logits[:q.shape[0]].astype(jnp.float32) / student_temp, -1)
+  kl = jnp.mean(jnp.sum(q * (jnp.log(jnp.clip(q, 1e-30)) - logp), axis=-1))
+  return {'teacher_entropy': entropy(q), 'kl': kl}

@@ -1,0 +1,46 @@
+"""Models: the ViT backbone, the DINO head, and the student/teacher network that joins them."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dino_jax.models.head import DINOHead
+from dino_jax.models.vit import PATCH_SIZES, VARIANTS, ViT, ViTConfig, ViTOutput
+
+
+class DINO(nnx.Module):
+  """Backbone + head. Params are {'backbone': ..., 'head': ...}."""
+
+  def __init__(self, vit_cfg: ViTConfig, out_dim: int, *, head_hidden_dim: int = 2048,
+               head_bottleneck_dim: int = 256, head_layers: int = 3, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.backbone = ViT(vit_cfg, dtype=dtype, rngs=rngs)
+    self.head = DINOHead(vit_cfg.width, out_dim, hidden_dim=head_hidden_dim,
+                         bottleneck_dim=head_bottleneck_dim, nlayers=head_layers, dtype=dtype,
+                         rngs=rngs)
+
+  def multicrop(self, crops: list[jax.Array], key: jax.Array | None = None) -> jax.Array:
+    """Head logits (f32) for crops grouped by resolution, crop-major rows.
+
+    crops: list of arrays (n_crops_r * B, H_r, W_r, 3), one per resolution. One backbone pass
+    per resolution, then a single head pass over all CLS tokens.
+    """
+    keys = jax.random.split(key, len(crops)) if key is not None else [None] * len(crops)
+    cls = jnp.concatenate([self.backbone(c, key=k).cls for c, k in zip(crops, keys)], axis=0)
+    return self.head(cls).astype(jnp.float32)
+
+
+def build(config, *, teacher: bool = False, dtype=None, seed: int = 0) -> DINO:
+  """Build the DINO network from `config.model` (teacher: no stochastic depth)."""
+  m = config.model
+  vit_cfg = ViTConfig.from_variant(
+      m.arch, m.patch_size, img_size=config.crops.global_size,
+      drop_path_rate=0.0 if teacher else m.drop_path_rate)
+  return DINO(vit_cfg, m.out_dim, head_hidden_dim=m.head_hidden_dim,
+              head_bottleneck_dim=m.head_bottleneck_dim, head_layers=m.head_layers,
+              dtype=jnp.dtype(dtype or config.dtype), rngs=nnx.Rngs(seed))
+
+
+__all__ = ['DINO', 'DINOHead', 'PATCH_SIZES', 'VARIANTS', 'ViT', 'ViTConfig', 'ViTOutput',
+           'build']

@@ -1,0 +1,206 @@
+"""Vision Transformer backbone as used by DINO (pre-norm, cls token, learned pos-embed).
+
+Weights and numerics follow the official DINO ViT: qkv bias, exact GELU, LayerNorm eps 1e-6,
+stochastic depth rates linspace(0, rate) over blocks, N(0, 0.02) init for tokens and linears,
+PyTorch's default uniform init for the patch convolution. Positional embeddings are resized to
+other crop sizes with PyTorch bicubic semantics (A=-0.75, border clamp, the official +0.1
+scale offset), computed as two small resampling matrices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# name -> (width, depth, heads). Head dim is 64 for the paper's models.
+VARIANTS: dict[str, tuple[int, int, int]] = {
+    'vit_pico': (96, 4, 3),  # CPU recipe: a few minutes per epoch of CIFAR on 2 cores
+    'vit_tiny': (192, 12, 3),
+    'vit_small': (384, 12, 6),
+    'vit_base': (768, 12, 12),
+    'vit_large': (1024, 24, 16),
+}
+PATCH_SIZES = (4, 8, 14, 16)
+LN_EPS = 1e-6
+
+_normal02 = nnx.initializers.normal(stddev=0.02)
+
+
+def _torch_conv_init(fan_in: int):
+  """PyTorch's default Conv2d init for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  width: int
+  depth: int
+  heads: int
+  patch_size: int
+  img_size: int = 224
+  mlp_ratio: float = 4.0
+  drop_path_rate: float = 0.0
+
+  @classmethod
+  def from_variant(cls, arch: str, patch_size: int, **kw) -> 'ViTConfig':
+    if arch not in VARIANTS:
+      raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(VARIANTS)}')
+    width, depth, heads = VARIANTS[arch]
+    return cls(width=width, depth=depth, heads=heads, patch_size=patch_size, **kw)
+
+
+class ViTOutput(NamedTuple):
+  cls: jax.Array  # (B, D) after the final norm
+  patches: jax.Array  # (B, N, D) after the final norm
+  intermediates: tuple[jax.Array, ...]  # last n block outputs, each after the final norm
+  attention: jax.Array | None  # (B, H, 1+N, 1+N) last block softmax attention, f32
+
+
+def torch_bicubic_matrix(in_size: int, out_size: int, scale_factor: float) -> np.ndarray:
+  """(out_size, in_size) matrix of torch F.interpolate(mode='bicubic', align_corners=False).
+
+  With an explicit scale_factor torch samples src = (dst + 0.5) / scale_factor - 0.5 and uses
+  the cubic convolution kernel with A = -0.75, clamping indices at the border, no antialias.
+  """
+  a = -0.75
+
+  def kernel(t):
+    t = np.abs(t)
+    return np.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                    np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
+
+  m = np.zeros((out_size, in_size), np.float64)
+  for dst in range(out_size):
+    src = (dst + 0.5) / scale_factor - 0.5
+    base = math.floor(src)
+    frac = src - base
+    for k in range(-1, 3):
+      idx = min(max(base + k, 0), in_size - 1)
+      m[dst, idx] += kernel(frac - k)
+  return m
+
+
+def interpolate_pos_embed(pos_patch: jax.Array, h: int, w: int) -> jax.Array:
+  """Resize (1, S*S, D) patch pos-embeds to an h x w grid as the official DINO code does."""
+  n = pos_patch.shape[1]
+  s = int(math.isqrt(n))
+  if s * s != n:
+    raise ValueError(f'pos_embed holds {n} patch positions, not a square grid')
+  if h == s and w == s:
+    return pos_patch
+  # Official: scale_factor=((h0 + 0.1) / s, (w0 + 0.1) / s) and output floor(s * factor).
+  my = torch_bicubic_matrix(s, h, (h + 0.1) / s)
+  mx = torch_bicubic_matrix(s, w, (w + 0.1) / s)
+  grid = pos_patch.reshape(s, s, -1)
+  out = jnp.einsum('ys,xt,std->yxd', jnp.asarray(my, jnp.float32), jnp.asarray(mx, jnp.float32),
+                   grid.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(1, h * w, -1).astype(pos_patch.dtype)
+
+
+def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Stochastic depth: drop whole residual branches per sample, rescale survivors."""
+  if key is None or rate == 0.0:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, dim: int, heads: int, *, dtype, rngs: nnx.Rngs):
+    self.heads = heads
+    self.qkv = nnx.Linear(dim, 3 * dim, kernel_init=_normal02, dtype=dtype, rngs=rngs)
+    self.proj = nnx.Linear(dim, dim, kernel_init=_normal02, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, *, return_attention: bool = False):
+    b, n, d = x.shape
+    hd = d // self.heads
+    qkv = self.qkv(x).reshape(b, n, 3, self.heads, hd)  # rows [q|k|v], head-major, as PyTorch
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (hd ** -0.5)
+    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    out = jnp.einsum('bhqk,bkhd->bqhd', attn.astype(v.dtype), v).reshape(b, n, d)
+    return self.proj(out), (attn if return_attention else None)
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(dim, hidden, kernel_init=_normal02, dtype=dtype, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, dim, kernel_init=_normal02, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path_rate: float, *,
+               dtype, rngs: nnx.Rngs):
+    self.drop_path_rate = drop_path_rate
+    self.norm1 = nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+    self.attn = Attention(dim, heads, dtype=dtype, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, key=None, *, return_attention=False):
+    k1, k2 = jax.random.split(key) if key is not None else (None, None)
+    y, attn = self.attn(self.norm1(x), return_attention=return_attention)
+    x = x + drop_path(y, self.drop_path_rate, k1)
+    x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, k2)
+    return x, attn
+
+
+class ViT(nnx.Module):
+  """DINO ViT. Call with NHWC images; returns a ViTOutput."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.cfg = cfg
+    self.dtype = dtype
+    d, p = cfg.width, cfg.patch_size
+    self.patch_embed = nnx.Conv(3, d, kernel_size=(p, p), strides=(p, p), padding='VALID',
+                                dtype=dtype, kernel_init=_torch_conv_init(3 * p * p),
+                                bias_init=_torch_conv_init(3 * p * p), rngs=rngs)
+    grid = cfg.img_size // p
+    self.cls_token = nnx.Param(_normal02(rngs.params(), (1, 1, d)))
+    self.pos_embed = nnx.Param(_normal02(rngs.params(), (1, 1 + grid * grid, d)))
+    rates = np.linspace(0.0, cfg.drop_path_rate, cfg.depth)
+    self.blocks = nnx.List([Block(d, cfg.heads, cfg.mlp_ratio, float(r), dtype=dtype, rngs=rngs)
+                            for r in rates])
+    self.norm = nnx.LayerNorm(d, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+
+  def tokens(self, images: jax.Array) -> jax.Array:
+    """Patch-embed NHWC images and add the (interpolated) positional embedding."""
+    b, h, w, _ = images.shape
+    p = self.cfg.patch_size
+    if h % p or w % p:
+      raise ValueError(f'image size {h}x{w} is not divisible by patch size {p}')
+    x = self.patch_embed(images.astype(self.dtype)).reshape(b, (h // p) * (w // p), -1)
+    pos = self.pos_embed[...]
+    pos_patch = interpolate_pos_embed(pos[:, 1:], h // p, w // p)
+    cls = jnp.broadcast_to(self.cls_token[...] + pos[:, :1], (b, 1, x.shape[-1]))
+    return jnp.concatenate([cls.astype(self.dtype), x + pos_patch.astype(self.dtype)], axis=1)
+
+  def __call__(self, images: jax.Array, *, key: jax.Array | None = None, n_last: int = 1,
+               return_attention: bool = False) -> ViTOutput:
+    """images: (B, H, W, 3) float, normalised. key: drop-path randomness (None = eval)."""
+    x = self.tokens(images)
+    keys = (jax.random.split(key, len(self.blocks)) if key is not None
+            else [None] * len(self.blocks))
+    outs, attn = [], None
+    for i, (block, k) in enumerate(zip(self.blocks, keys)):
+      last = i == len(self.blocks) - 1
+      x, a = block(x, k, return_attention=return_attention and last)
+      if i >= len(self.blocks) - n_last:
+        outs.append(x)
+      attn = a if last else attn
+    normed = [self.norm(o) for o in outs]
+    return ViTOutput(cls=normed[-1][:, 0], patches=normed[-1][:, 1:],
+                     intermediates=tuple(normed), attention=attn)

@@ -1,0 +1,90 @@
+"""Every scheduled value as a pure function of the global step (nothing recompiles).
+
+Matches the official per-iteration arrays: `cosine(step)` equals
+`cosine_scheduler(base, final, epochs, niter, warmup_epochs, start)[step]`, and the teacher
+temperature is a per-epoch linspace followed by a constant.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+
+def cosine(step, base: float, final: float, total_steps: int, warmup_steps: int = 0,
+           start_warmup: float = 0.0):
+  """Linear warmup start->base over `warmup_steps` (endpoints inclusive), then cosine to final."""
+  step = jnp.asarray(step, jnp.float32)
+  if warmup_steps > 1:
+    warm = start_warmup + (base - start_warmup) * step / (warmup_steps - 1)
+  else:
+    warm = jnp.full_like(step, start_warmup)
+  decay_steps = max(total_steps - warmup_steps, 1)
+  t = jnp.clip(step - warmup_steps, 0, decay_steps)
+  cos = final + 0.5 * (base - final) * (1 + jnp.cos(jnp.pi * t / decay_steps))
+  return jnp.where(step < warmup_steps, warm, cos)
+
+
+def teacher_temperature(step, steps_per_epoch: int, warmup_temp: float, temp: float,
+                        warmup_epochs: int):
+  """Per-epoch linspace(warmup_temp, temp, warmup_epochs), then temp."""
+  epoch = jnp.asarray(step, jnp.float32) // steps_per_epoch
+  if warmup_epochs > 1:
+    warm = warmup_temp + (temp - warmup_temp) * epoch / (warmup_epochs - 1)
+  else:
+    warm = jnp.full_like(epoch, warmup_temp)
+  return jnp.where(epoch < warmup_epochs, warm, temp)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedules:
+  """All of a run's schedules, built once from the config; each is step -> value."""
+  steps_per_epoch: int
+  total_steps: int
+  lr_peak: float
+  min_lr: float
+  warmup_steps: int
+  wd: float
+  wd_end: float
+  momentum: float
+  student_temp: float
+  teacher_temp: float
+  warmup_teacher_temp: float
+  warmup_teacher_temp_epochs: int
+  freeze_last_layer_steps: int
+
+  @classmethod
+  def from_config(cls, config, steps_per_epoch: int) -> 'Schedules':
+    o, l = config.optim, config.loss
+    return cls(
+        steps_per_epoch=steps_per_epoch,
+        total_steps=config.epochs * steps_per_epoch,
+        lr_peak=o.lr * config.batch_size / 256.0,  # linear scaling rule
+        min_lr=o.min_lr,
+        warmup_steps=int(round(o.warmup_epochs * steps_per_epoch)),
+        wd=o.weight_decay, wd_end=o.weight_decay_end,
+        momentum=o.momentum_teacher,
+        student_temp=l.student_temp,
+        teacher_temp=l.teacher_temp, warmup_teacher_temp=l.warmup_teacher_temp,
+        warmup_teacher_temp_epochs=l.warmup_teacher_temp_epochs,
+        freeze_last_layer_steps=int(round(o.freeze_last_layer * steps_per_epoch)))
+
+  def lr(self, step):
+    return cosine(step, self.lr_peak, self.min_lr, self.total_steps, self.warmup_steps)
+
+  def weight_decay(self, step):
+    return cosine(step, self.wd, self.wd_end, self.total_steps)
+
+  def teacher_momentum(self, step):
+    return cosine(step, self.momentum, 1.0, self.total_steps)
+
+  def teacher_temp_at(self, step):
+    return teacher_temperature(step, self.steps_per_epoch, self.warmup_teacher_temp,
+                               self.teacher_temp, self.warmup_teacher_temp_epochs)
+
+  def last_layer_frozen(self, step):
+    return jnp.asarray(step) < self.freeze_last_layer_steps
+
+  def values(self, step) -> dict:
+    return {'lr': self.lr(step), 'wd': self.weight_decay(step),
+            'momentum': self.teacher_momentum(step), 'teacher_temp': self.teacher_temp_at(step)}

@@ -1,0 +1,36 @@
+"""TrainState: the one pytree a run carries (and a checkpoint restores)."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar, the number of updates applied
+  params: Any  # student params (pure dict {'backbone', 'head'})
+  teacher_params: Any  # EMA of the student; starts as an exact copy
+  opt_state: Any
+  center: jax.Array  # (1, out_dim) f32 running mean of teacher logits
+  rng: jax.Array  # base key; step keys are fold_in(rng, step)
+
+
+def pure_params(module: nnx.Module) -> dict:
+  """The module's nnx.Param leaves as a plain nested dict of arrays."""
+  return nnx.state(module, nnx.Param).to_pure_dict()
+
+
+def create(student: nnx.Module, tx: optax.GradientTransformation, out_dim: int,
+           rng: jax.Array) -> TrainState:
+  params = pure_params(student)
+  return TrainState(
+      step=jnp.zeros([], jnp.int32),
+      params=params,
+      teacher_params=jax.tree.map(jnp.copy, params),
+      opt_state=tx.init(params),
+      center=jnp.zeros((1, out_dim), jnp.float32),
+      rng=rng)

@@ -1,0 +1,62 @@
+"""Config validation: every mistake stops the run before compiling, with one line naming the field."""
+from __future__ import annotations
+
+from dino_jax.data import sources
+from dino_jax.models import PATCH_SIZES, VARIANTS
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    raise ConfigError(f'config.{field}: {message}')
+
+
+def validate(config, n_devices: int | None = None) -> None:
+  """Raise ConfigError for the first invalid field. n_devices: check batch divisibility."""
+  m, c, o, l = config.model, config.crops, config.optim, config.loss
+  _check(m.arch in VARIANTS, 'model.arch', f'unknown arch {m.arch!r}; choose one of '
+         f'{", ".join(sorted(VARIANTS))}')
+  _check(m.patch_size in PATCH_SIZES, 'model.patch_size',
+         f'{m.patch_size} is not one of {PATCH_SIZES}')
+  for field in ('global_size', 'local_size'):
+    size = c[field]
+    _check(size > 0 and size % m.patch_size == 0, f'crops.{field}',
+           f'crop size {size} is not divisible by model.patch_size={m.patch_size}')
+  for field in ('global_scale', 'local_scale'):
+    lo, hi = c[field]
+    _check(0 < lo <= hi <= 1, f'crops.{field}', f'{c[field]} is not a range within (0, 1]')
+  _check(c.n_local >= 0, 'crops.n_local', f'must be >= 0, got {c.n_local}')
+  for field in ('flip_p', 'jitter_p', 'grayscale_p', 'global1_blur_p', 'global2_blur_p',
+                'global2_solarize_p', 'local_blur_p'):
+    _check(0 <= c[field] <= 1, f'crops.{field}', f'probability {c[field]} is not in [0, 1]')
+  _check(0 < c.eval_crop_fraction <= 1, 'crops.eval_crop_fraction', 'must be in (0, 1]')
+  _check(config.data.canvas_size >= c.global_size, 'data.canvas_size',
+         f'{config.data.canvas_size} is smaller than crops.global_size={c.global_size}')
+  try:
+    sources.check_kind(config.data.source)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _check(m.out_dim > 0, 'model.out_dim', f'must be positive, got {m.out_dim}')
+  _check(0 <= m.drop_path_rate < 1, 'model.drop_path_rate', 'must be in [0, 1)')
+  _check(config.batch_size > 0, 'batch_size', f'must be positive, got {config.batch_size}')
+  if n_devices is not None:
+    _check(config.batch_size % n_devices == 0, 'batch_size',
+           f'global batch {config.batch_size} is not divisible by the {n_devices} devices')
+  _check(config.epochs > 0, 'epochs', f'must be positive, got {config.epochs}')
+  _check(config.dtype in ('float32', 'bfloat16', 'float16'), 'dtype',
+         f'{config.dtype!r} is not float32, bfloat16 or float16')
+  _check(o.lr > 0, 'optim.lr', f'must be positive, got {o.lr}')
+  _check(0 <= o.momentum_teacher <= 1, 'optim.momentum_teacher', 'must be in [0, 1]')
+  _check(o.warmup_epochs <= config.epochs, 'optim.warmup_epochs',
+         f'{o.warmup_epochs} exceeds epochs={config.epochs}')
+  _check(l.teacher_temp > 0 and l.warmup_teacher_temp > 0, 'loss.teacher_temp',
+         'temperatures must be positive')
+  _check(l.student_temp > 0, 'loss.student_temp', 'must be positive')
+  _check(config.log_every > 0, 'log_every', f'must be positive, got {config.log_every}')
+  _check(config.eval_every >= 0, 'eval_every', f'must be >= 0, got {config.eval_every}')
+  _check(config.checkpoint_every > 0, 'checkpoint_every',
+         f'must be positive, got {config.checkpoint_every}')
+  _check(config.knn.k > 0, 'knn.k', f'must be positive, got {config.knn.k}')
