@@ -1,0 +1,66 @@
+"""Test setup: 8 virtual CPU devices (so sharding is exercised), a persistent compile cache,
+and a tiny config shared by the tests."""
+import os
+import pathlib
+
+os.environ.setdefault('XLA_FLAGS', '')
+if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
+  os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=8'
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402  pylint: disable=wrong-import-position
+import pytest  # noqa: E402
+
+CACHE = pathlib.Path(os.environ.get('DINO_JAX_TEST_CACHE',
+                                    pathlib.Path(__file__).resolve().parent.parent / '.jax_cache'))
+jax.config.update('jax_compilation_cache_dir', str(CACHE))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / 'shared' / 'data'
+
+
+def tiny_config(**overrides):
+  """The CPU recipe shrunk until a train step compiles in seconds."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location('cpu_config', REPO / 'configs' / 'cpu.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.batch_size = 16
+  c.epochs = 2
+  c.data.canvas_size = 16
+  c.model.arch = 'vit_pico'
+  c.model.out_dim = 64
+  c.model.head_hidden_dim = 32
+  c.model.head_bottleneck_dim = 16
+  c.model.drop_path_rate = 0.1
+  c.crops.global_size = 16
+  c.crops.local_size = 8
+  c.crops.n_local = 2
+  c.optim.warmup_epochs = 1
+  c.log_every = 1
+  c.eval_every = 0
+  c.checkpoint_every = 1000
+  c.knn.batch_size = 64
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+@pytest.fixture
+def config():
+  return tiny_config()
+
+
+def shared_data(name: str) -> pathlib.Path:
+  path = SHARED_DATA / name
+  if not path.exists():
+    pytest.skip(f'{path} is absent: the shared data folder (../shared/data beside the repo) '
+                f'is needed for this test')
+  return path

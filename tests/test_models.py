@@ -1,0 +1,164 @@
+"""ViT and DINOHead: shapes, init, parameter counts, pos-embed interpolation semantics."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dino_jax import models
+from dino_jax.models import head as head_lib
+from dino_jax.models import vit as vit_lib
+
+
+def torch_upsample_bicubic_reference(x, out_h, out_w, scale_h, scale_w):
+  """Per-pixel transcription of torch's upsample_bicubic2d (align_corners=False, explicit
+  scale factors): src = (dst + 0.5) / scale - 0.5, cubic convolution A=-0.75, clamped taps."""
+  a = -0.75
+
+  def cc1(t):  # |t| <= 1
+    return ((a + 2) * t - (a + 3)) * t * t + 1
+
+  def cc2(t):  # 1 < |t| < 2
+    return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+
+  def coeffs(t):
+    return [cc2(t + 1), cc1(t), cc1(1 - t), cc2(2 - t)]
+
+  in_h, in_w = x.shape[:2]
+  out = np.zeros((out_h, out_w) + x.shape[2:])
+  for oy in range(out_h):
+    sy = (oy + 0.5) / scale_h - 0.5
+    iy = math.floor(sy)
+    wy = coeffs(sy - iy)
+    for ox in range(out_w):
+      sx = (ox + 0.5) / scale_w - 0.5
+      ix = math.floor(sx)
+      wx = coeffs(sx - ix)
+      acc = 0
+      for m in range(4):
+        yy = min(max(iy - 1 + m, 0), in_h - 1)
+        for n in range(4):
+          xx = min(max(ix - 1 + n, 0), in_w - 1)
+          acc = acc + wy[m] * wx[n] * x[yy, xx]
+      out[oy, ox] = acc
+  return out
+
+
+@pytest.mark.parametrize('src,h,w', [(14, 6, 6), (4, 2, 2), (4, 7, 5), (3, 8, 8)])
+def test_pos_embed_interpolation_matches_torch_bicubic(src, h, w):
+  rng = np.random.default_rng(src * 100 + h)
+  pos = rng.normal(size=(1, src * src, 3)).astype(np.float32)
+  got = np.asarray(vit_lib.interpolate_pos_embed(jnp.asarray(pos), h, w)).reshape(h, w, 3)
+  want = torch_upsample_bicubic_reference(pos.reshape(src, src, 3).astype(np.float64), h, w,
+                                          (h + 0.1) / src, (w + 0.1) / src)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_pos_embed_interpolation_matches_torch_when_installed():
+  torch = pytest.importorskip('torch', reason='torch (the `torch` extra) is not installed')
+  pos = np.random.default_rng(0).normal(size=(1, 196, 8)).astype(np.float32)
+  t = torch.from_numpy(pos).reshape(1, 14, 14, 8).permute(0, 3, 1, 2)
+  for h, w in ((6, 6), (30, 40)):
+    ref = torch.nn.functional.interpolate(t, scale_factor=((h + 0.1) / 14, (w + 0.1) / 14),
+                                          mode='bicubic', align_corners=False)
+    ref = ref.permute(0, 2, 3, 1).reshape(1, h * w, 8).numpy()
+    got = vit_lib.interpolate_pos_embed(jnp.asarray(pos), h, w)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_interpolation_is_identity_at_native_size():
+  pos = jnp.arange(16 * 3, dtype=jnp.float32).reshape(1, 16, 3)
+  assert vit_lib.interpolate_pos_embed(pos, 4, 4) is pos
+
+
+def count(module_fn):
+  abstract = nnx.eval_shape(module_fn)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+def test_parameter_counts_match_official_models():
+  vit_s16 = vit_lib.ViTConfig.from_variant('vit_small', 16)
+  assert count(lambda: vit_lib.ViT(vit_s16, rngs=nnx.Rngs(0))) == 21_665_664
+  vit_b16 = vit_lib.ViTConfig.from_variant('vit_base', 16)
+  assert count(lambda: vit_lib.ViT(vit_b16, rngs=nnx.Rngs(0))) == 85_798_656
+  assert count(lambda: head_lib.DINOHead(384, 65536, rngs=nnx.Rngs(0))) == 22_352_128
+
+
+def small_vit(**kw):
+  cfg = vit_lib.ViTConfig(width=32, depth=3, heads=4, patch_size=4, img_size=16, **kw)
+  return vit_lib.ViT(cfg, rngs=nnx.Rngs(0))
+
+
+def test_outputs_shapes_and_attention():
+  model = small_vit()
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  out = model(x, n_last=2, return_attention=True)
+  assert out.cls.shape == (2, 32) and out.patches.shape == (2, 16, 32)
+  assert len(out.intermediates) == 2
+  np.testing.assert_allclose(out.intermediates[-1][:, 0], out.cls, rtol=1e-6)
+  assert out.attention.shape == (2, 4, 17, 17)
+  np.testing.assert_allclose(out.attention.sum(-1), 1.0, rtol=1e-5)
+  other = model(jax.random.normal(jax.random.PRNGKey(1), (2, 8, 12, 3)))  # other size
+  assert other.patches.shape == (2, 6, 32)
+
+
+def test_layernorm_eps_and_exact_gelu():
+  model = small_vit()
+  assert model.norm.epsilon == 1e-6 and model.blocks[0].norm1.epsilon == 1e-6
+  mlp = model.blocks[0].mlp
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 32))
+  h = mlp.fc1(x)
+  want = mlp.fc2(0.5 * h * (1 + jax.scipy.special.erf(h / jnp.sqrt(2.0))))
+  np.testing.assert_allclose(mlp(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_drop_path_rates_and_behaviour():
+  model = small_vit(drop_path_rate=0.2)
+  np.testing.assert_allclose([b.drop_path_rate for b in model.blocks], [0.0, 0.1, 0.2])
+  x = jax.random.normal(jax.random.PRNGKey(0), (64, 16, 16, 3))
+  a = model(x).cls
+  np.testing.assert_array_equal(a, model(x).cls)  # no key: deterministic
+  b = model(x, key=jax.random.PRNGKey(1)).cls
+  assert not np.allclose(a, b)
+  # drop_path itself: about rate of the rows zeroed, survivors scaled by 1/keep
+  y = vit_lib.drop_path(jnp.ones((4000, 3)), 0.25, jax.random.PRNGKey(2))
+  zero = np.all(np.asarray(y) == 0, axis=1)
+  assert abs(zero.mean() - 0.25) < 0.03
+  np.testing.assert_allclose(np.asarray(y)[~zero], 1 / 0.75, rtol=1e-6)
+
+
+def test_init_statistics():
+  model = vit_lib.ViT(vit_lib.ViTConfig.from_variant('vit_small', 16), rngs=nnx.Rngs(0))
+  assert abs(float(jnp.std(model.blocks[0].mlp.fc1.kernel[...])) - 0.02) < 1e-3
+  np.testing.assert_array_equal(model.blocks[0].mlp.fc1.bias[...], 0)
+  assert abs(float(jnp.std(model.pos_embed[...])) - 0.02) < 1e-3
+  bound = 1 / math.sqrt(3 * 16 * 16)
+  w = np.asarray(model.patch_embed.kernel[...])
+  assert w.min() >= -bound and w.max() <= bound and w.max() > 0.9 * bound
+
+
+def test_head_weight_norm_and_l2():
+  head = head_lib.DINOHead(32, 50, hidden_dim=64, bottleneck_dim=16, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(0), (5, 32))
+  out = head(x)
+  assert out.shape == (5, 50)
+  # with g = 1 each logit is a cosine similarity: |logit| <= 1
+  assert float(jnp.max(jnp.abs(out))) <= 1.0 + 1e-5
+  head.last_layer.weight_g[...] = jnp.full((1, 50), 2.0)
+  np.testing.assert_allclose(head(x), 2 * out, rtol=1e-5)
+  v = np.asarray(head.last_layer.weight_v[...])
+  assert np.abs(v).max() <= 1 / 4 and np.abs(v).max() > 0.2  # U(+-1/sqrt(16))
+
+
+def test_teacher_build_has_no_drop_path(config):
+  student = models.build(config)
+  teacher = models.build(config, teacher=True)
+  assert student.backbone.blocks[-1].drop_path_rate == pytest.approx(0.1)
+  assert all(b.drop_path_rate == 0 for b in teacher.backbone.blocks)
+
+
+def test_unknown_arch_is_rejected():
+  with pytest.raises(ValueError, match='unknown arch'):
+    vit_lib.ViTConfig.from_variant('vit_huge_typo', 16)
