@@ -160,43 +160,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
             f'top-5 {res["knn_top5"]:.2f}%', flush=True)
     return res
 
-  if start == 0 and config.eval_every:
-    eval_and_log(0)
-  batches = data.train_iterator(
-      run.train_source, canvas_size=config.data.canvas_size, global_batch=config.batch_size,
-      seed=config.seed, start_step=start, worker_count=config.data.worker_count,
-      prefetch=config.data.prefetch, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  t_start = t_last = time.time()
-  last_logged = start
-  metrics = None
-  for step in range(start, total):
-    batch = sharding.to_global(next(batches), run.mesh)
-    state, metrics = run.step_fn(state, batch)
-    done = step + 1
-    if done % config.log_every == 0 or done == total:
-      m = jax.device_get(metrics)
-      _check_finite(done, m)
-      now = time.time()
-      m['img_per_s'] = (done - last_logged) * config.batch_size / max(now - t_last, 1e-9)
-      m['epoch'] = done / run.schedules.steps_per_epoch
-      writer.write(done, m)
-      eta = (now - t_start) / (done - start) * (total - done)
-      print(f'[{done}/{total}] loss {m["loss"]:.4f} lr {m["lr"]:.2e} '
-            f'T_t {m["teacher_temp"]:.3f} m {m["momentum"]:.4f} H_t {m["teacher_entropy"]:.3f} '
-            f'{m["img_per_s"]:.1f} img/s ETA {_fmt_time(eta)}', flush=True)
-      t_last, last_logged = now, done
-    if done % config.checkpoint_every == 0 and done != total:
-      _check_finite(done, jax.device_get(metrics))
-      checkpointing.save(mngr, done, state, config)
-    if config.eval_every and done % config.eval_every == 0 and done != total:
-      eval_and_log(done)
-  if metrics is not None:
-    _check_finite(total, jax.device_get(metrics))
-  eval_and_log(total)
-  if checkpointing.latest_step(mngr) != int(state.step):
-    checkpointing.save(mngr, int(state.step), state, config)
-  mngr.wait_until_finished()
-  mngr.close()
-  writer.close()
+  try:
+    if start == 0 and config.eval_every:
+      eval_and_log(0)
+    batches = data.train_iterator(
+        run.train_source, canvas_size=config.data.canvas_size, global_batch=config.batch_size,
+        seed=config.seed, start_step=start, worker_count=config.data.worker_count,
+        prefetch=config.data.prefetch, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    t_start = t_last = time.time()
+    last_logged = start
+    metrics = None
+    for step in range(start, total):
+      batch = sharding.to_global(next(batches), run.mesh)
+      state, metrics = run.step_fn(state, batch)
+      done = step + 1
+      if done % config.log_every == 0 or done == total:
+        m = jax.device_get(metrics)
+        _check_finite(done, m)
+        now = time.time()
+        m['img_per_s'] = (done - last_logged) * config.batch_size / max(now - t_last, 1e-9)
+        m['epoch'] = done / run.schedules.steps_per_epoch
+        writer.write(done, m)
+        eta = (now - t_start) / (done - start) * (total - done)
+        print(f'[{done}/{total}] loss {m["loss"]:.4f} lr {m["lr"]:.2e} '
+              f'T_t {m["teacher_temp"]:.3f} m {m["momentum"]:.4f} H_t {m["teacher_entropy"]:.3f} '
+              f'{m["img_per_s"]:.1f} img/s ETA {_fmt_time(eta)}', flush=True)
+        t_last, last_logged = now, done
+      if done % config.checkpoint_every == 0 and done != total:
+        _check_finite(done, jax.device_get(metrics))
+        checkpointing.save(mngr, done, state, config)
+      if config.eval_every and done % config.eval_every == 0 and done != total:
+        eval_and_log(done)
+    if metrics is not None:
+      _check_finite(total, jax.device_get(metrics))
+    eval_and_log(total)
+    if checkpointing.latest_step(mngr) != int(state.step):
+      checkpointing.save(mngr, int(state.step), state, config)
+  finally:  # a pending (good) save completes even when the run stops on an error
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
   return state

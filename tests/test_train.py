@@ -1,0 +1,110 @@
+"""End to end: the training loop, its logs, k-NN, checkpoint, config errors and NaN handling."""
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from conftest import REPO, tiny_config
+from dino_jax import checkpointing, train
+from dino_jax.validate import ConfigError, validate
+
+
+@pytest.fixture(scope='module')
+def digits_npz(tmp_path_factory):
+  """64 train / 40 test real images (scikit-learn digits) as an npz source."""
+  d = load_digits()
+  x = np.round(d.images * 255 / 16).astype(np.uint8)
+  path = tmp_path_factory.mktemp('data') / 'digits.npz'
+  np.savez(path, x_train=x[:64], y_train=d.target[:64], x_test=x[64:104],
+           y_test=d.target[64:104])
+  return str(path)
+
+
+def read_metrics(workdir):
+  with open(f'{workdir}/metrics.jsonl') as f:
+    return [json.loads(line) for line in f]
+
+
+def test_train_logs_evaluates_and_checkpoints(tmp_path, digits_npz, capsys):
+  config = tiny_config(**{'data.source': f'npz:{digits_npz}', 'eval_every': 4})
+  state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 8  # 64 images / batch 16 = 4 steps per epoch, 2 epochs
+  lines = read_metrics(tmp_path)
+  train_lines = [l for l in lines if 'loss' in l]
+  assert [l['step'] for l in train_lines] == list(range(1, 9))
+  for key in ('loss', 'lr', 'wd', 'momentum', 'teacher_temp', 'teacher_entropy', 'kl',
+              'img_per_s'):
+    assert all(np.isfinite(l[key]) for l in train_lines), key
+  knn_lines = [l for l in lines if 'knn_top1' in l]
+  assert [l['step'] for l in knn_lines] == [0, 4, 8]
+  assert all(0 <= l['knn_top1'] <= 100 for l in knn_lines)
+  out = capsys.readouterr().out
+  assert '[8/8]' in out and 'ETA' in out and 'k-NN' in out
+  assert list((tmp_path / 'tensorboard').iterdir())
+  # the final checkpoint restores to exactly the returned state
+  run = train.build(config)
+  mngr = checkpointing.manager(str(tmp_path))
+  assert checkpointing.latest_step(mngr) == 8
+  abstract = checkpointing.abstract_with_shardings(jax.eval_shape(run.init_fn),
+                                                   run.state_shardings)
+  restored, saved_config = checkpointing.restore(mngr, abstract)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert saved_config['model']['arch'] == config.model.arch
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits_npz):
+  config = tiny_config(**{'data.source': f'npz:{digits_npz}', 'optim.lr': 1e30,
+                          'optim.warmup_epochs': 0, 'optim.clip_grad': 0.0,
+                          'checkpoint_every': 1})
+  with pytest.raises(train.NonFiniteLossError, match='last good checkpoint is intact'):
+    train.train_and_evaluate(config, str(tmp_path))
+  bad_step = read_metrics(tmp_path)[-1]['step'] + 1 if read_metrics(tmp_path) else 1
+  mngr = checkpointing.manager(str(tmp_path))
+  steps = mngr.all_steps()
+  assert steps and max(steps) < bad_step
+  run = train.build(config)
+  abstract = checkpointing.abstract_with_shardings(jax.eval_shape(run.init_fn),
+                                                   run.state_shardings)
+  restored, _ = checkpointing.restore(mngr, abstract)
+  assert int(restored.step) == max(steps)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('model.arch', 'vit_gigantic', 'config.model.arch: unknown arch'),
+    ('crops.global_size', 18, 'config.crops.global_size: crop size 18 is not divisible'),
+    ('crops.local_size', 6, 'config.crops.local_size: crop size 6 is not divisible'),
+    ('batch_size', 12, 'config.batch_size: global batch 12 is not divisible by the 8 devices'),
+    ('data.source', 'ftp:somewhere', 'config.data.source'),
+    ('crops.global_scale', (0.5, 1.5), 'config.crops.global_scale'),
+    ('dtype', 'float8', 'config.dtype'),
+])
+def test_config_errors_name_the_field(field, value, message):
+  config = tiny_config(**{field: value})
+  with pytest.raises(ConfigError) as e:
+    validate(config, n_devices=8)
+  assert str(e.value).startswith(message)
+  assert '\n' not in str(e.value)
+
+
+def test_cli_reports_config_error_before_compiling(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'dino_jax.main', f'--config={REPO}/configs/cpu.py',
+       f'--workdir={tmp_path}/w', '--config.crops.global_size=30'],
+      capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert proc.returncode == 1
+  assert 'error: config.crops.global_size: crop size 30 is not divisible by ' \
+         'model.patch_size=4' in proc.stderr
+  assert not (tmp_path / 'w').exists()
+
+
+def test_dataset_smaller_than_a_batch_is_a_clear_error(tmp_path):
+  path = tmp_path / 'tiny.npz'
+  np.savez(path, x_train=np.zeros((5, 16, 16, 3), np.uint8))
+  config = tiny_config(**{'data.source': f'npz:{path}'})
+  with pytest.raises(ValueError, match='fewer than one global batch'):
+    train.build(config)
