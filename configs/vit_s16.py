@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.crops.hue = 0.1
   c.crops.grayscale_p = 0.2
   c.crops.blur_sigma = (0.1, 2.0)  # Gaussian blur sigma ~ U(range), in pixels of the crop
+  c.crops.blur_radius = 0  # blur kernel half-width (0: 3 * max sigma, as PIL; DINOv2: 4)
   c.crops.global1_blur_p = 1.0
   c.crops.global2_blur_p = 0.1
   c.crops.global2_solarize_p = 0.2

@@ -44,6 +44,7 @@ class AugmentConfig:
   hue: float = 0.1
   grayscale_p: float = 0.2
   blur_sigma: tuple[float, float] = (0.1, 2.0)
+  blur_radius: int = 0  # kernel half-width; 0: ceil(3 * max sigma), PIL-like
 
   @classmethod
   def from_config(cls, config) -> 'AugmentConfig':
@@ -54,7 +55,22 @@ class AugmentConfig:
                local_crops=(local,) * c.n_local,
                flip_p=c.flip_p, jitter_p=c.jitter_p, brightness=c.brightness,
                contrast=c.contrast, saturation=c.saturation, hue=c.hue,
-               grayscale_p=c.grayscale_p, blur_sigma=tuple(c.blur_sigma))
+               grayscale_p=c.grayscale_p, blur_sigma=tuple(c.blur_sigma),
+               blur_radius=c.blur_radius)
+
+
+# Crop settings of the two official pipelines, as config.crops fields. DINOv2's blur
+# probabilities are the effective ones (its wrapper passes 1 - p to RandomApply, so the
+# released models saw: global 1 never, global 2 0.9, locals 0.5), with torchvision's 9-tap
+# kernel. Use: config.crops.update(augment.PRESETS['dinov2']).
+PRESETS = {
+    'dino': dict(global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), global1_blur_p=1.0,
+                 global2_blur_p=0.1, global2_solarize_p=0.2, local_blur_p=0.5,
+                 blur_sigma=(0.1, 2.0), blur_radius=0),
+    'dinov2': dict(global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), global1_blur_p=0.0,
+                   global2_blur_p=0.9, global2_solarize_p=0.2, local_blur_p=0.5,
+                   blur_sigma=(0.1, 2.0), blur_radius=4),
+}
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -168,10 +184,14 @@ def gaussian_blur_matrix(sigma, size: int, radius: int):
   return jnp.sum(jax.nn.one_hot(src, size) * weights[None, :, None], axis=1)
 
 
-def gaussian_blur(img, sigma, max_sigma: float = 2.0):
-  """Separable Gaussian blur as two small matmuls (fast on CPU, GPU and TPU alike)."""
+def gaussian_blur(img, sigma, max_sigma: float = 2.0, radius: int = 0):
+  """Separable Gaussian blur as two small matmuls (fast on CPU, GPU and TPU alike).
+
+  radius 0 takes ceil(3 * max_sigma), close to PIL's GaussianBlur; torchvision's fixed
+  kernel_size=9 (DINOv2) is radius 4.
+  """
   hgt, wid = img.shape[:2]
-  radius = min(int(math.ceil(3 * max_sigma)), max(hgt, wid) - 1)
+  radius = min(radius or int(math.ceil(3 * max_sigma)), max(hgt, wid) - 1)
   my = gaussian_blur_matrix(sigma, hgt, radius)
   mx = gaussian_blur_matrix(sigma, wid, radius)
   return jnp.einsum('yY,xX,YXc->yxc', my, mx, img)
@@ -207,7 +227,7 @@ def view(key, canvas, hw, spec: CropSpec, cfg: AugmentConfig):
   img = jnp.where(jax.random.bernoulli(keys[4], cfg.grayscale_p), grayscale(img), img)
   if spec.blur_p > 0:
     sigma = jax.random.uniform(keys[5], minval=cfg.blur_sigma[0], maxval=cfg.blur_sigma[1])
-    blurred = gaussian_blur(img, sigma, cfg.blur_sigma[1])
+    blurred = gaussian_blur(img, sigma, cfg.blur_sigma[1], cfg.blur_radius)
     img = jnp.where(jax.random.bernoulli(keys[6], spec.blur_p), blurred, img)
   if spec.solarize_p > 0:
     img = jnp.where(jax.random.bernoulli(keys[7], spec.solarize_p), solarize(img), img)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from conftest import shared_data
 from dino_jax import augment
@@ -123,3 +123,96 @@ def test_flip_and_solarize_frequencies():
   flipped = left_dark == solarized  # solarize reverses the ramp
   assert abs(solarized.mean() - 0.3) < 0.03
   assert abs(flipped.mean() - 0.5) < 0.03
+
+
+def test_resized_crop_matches_pil_bicubic():
+  """Crop + bicubic resize against PIL's resize(box=...) (antialiased when shrinking)."""
+  for img in real_images(3):
+    big = np.asarray(Image.fromarray(img).resize((96, 96), Image.BICUBIC))
+    for box, size in (((10, 20, 60, 50), 32), ((0, 0, 96, 96), 48), ((30, 5, 24, 40), 64)):
+      top, left, h, w = box
+      want = np.asarray(Image.fromarray(big).resize((size, size), Image.BICUBIC,
+                                                    box=(left, top, left + w, top + h)))
+      got = jnp.clip(augment.resized_crop(to_float(big), jnp.array(box), size), 0, 1)
+      # differences: PIL clamps taps to the crop box, we read the real pixels beyond it
+      assert mae255(got, want) < 3.0, (box, size, mae255(got, want))
+
+
+@pytest.mark.parametrize('sigma', [0.5, 1.0, 2.0])
+def test_gaussian_blur_matches_pil(sigma):
+  """PIL's GaussianBlur approximates a Gaussian with box blurs; ours is exact and separable."""
+  for img in real_images(2):
+    want = Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius=sigma))
+    got = augment.gaussian_blur(to_float(img), sigma, 2.0)
+    assert mae255(got, want) < 2.0, mae255(got, want)
+
+
+def torchvision_crop_law(rng, h, w, scale, n):
+  """RandomResizedCrop.get_params written out with Python's random-style draws."""
+  out = []
+  for _ in range(n):
+    for _ in range(10):
+      area = h * w * rng.uniform(*scale)
+      ar = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+      cw, ch = round(np.sqrt(area * ar)), round(np.sqrt(area / ar))
+      if 0 < cw <= w and 0 < ch <= h:
+        out.append((ch, cw))
+        break
+    else:
+      out.append((h, min(w, round(h * 4 / 3))))
+  return np.array(out, np.float64)
+
+
+def ks_statistic(a, b):
+  grid = np.sort(np.concatenate([a, b]))
+  cdf = lambda x: np.searchsorted(np.sort(x), grid, side='right') / len(x)
+  return float(np.max(np.abs(cdf(a) - cdf(b))))
+
+
+def test_crop_size_distribution_matches_torchvision_law():
+  """Two-sample KS on crop area and aspect for a wide image where rejections matter."""
+  h, w, scale, n = 60, 200, (0.08, 1.0), 3000
+  keys = jax.random.split(jax.random.PRNGKey(5), n)
+  ours = np.asarray(jax.vmap(lambda k: augment.crop_box(k, h, w, scale))(keys))[:, 2:]
+  ref = torchvision_crop_law(np.random.default_rng(0), h, w, scale, n)
+  wrong = torchvision_crop_law(np.random.default_rng(1), h, w, (0.3, 1.0), n)  # a wrong law
+  stat = lambda x: (x[:, 0] * x[:, 1], np.log(x[:, 1] / x[:, 0]))
+  threshold = 1.95 * np.sqrt(2 / n)  # KS critical value at alpha ~ 0.001
+  for ours_s, ref_s in zip(stat(ours), stat(ref)):
+    assert ks_statistic(ours_s, ref_s) < threshold
+  assert ks_statistic(stat(wrong)[0], stat(ref)[0]) > threshold
+
+
+def test_jitter_grayscale_blur_frequencies():
+  """Each stochastic op fires with its configured probability (3000 crops)."""
+  n = 3000
+  img = real_images(1)[0]
+  spec = augment.CropSpec(32, (1.0, 1.0), 0.4, 0.0)
+  cfg = augment.AugmentConfig(global_crops=(spec,), local_crops=(), flip_p=0.0, jitter_p=0.8,
+                              grayscale_p=0.2, blur_sigma=(0.5, 2.0))
+  keys = jax.random.split(jax.random.PRNGKey(3), n)
+  out = np.asarray(jax.vmap(lambda k: augment.view(k, img, jnp.array([32, 32]), spec, cfg))(
+      keys))
+  base = np.clip(np.asarray(augment.resized_crop(to_float(img), jnp.array([0, 0, 32, 32]),
+                                                 32)), 0, 1)
+  gray = np.ptp(out, axis=-1).max(axis=(1, 2)) < 1e-5
+  assert abs(gray.mean() - 0.2) < 0.03
+  # untouched <=> no jitter, no grayscale, no blur: P = 0.2 * 0.8 * 0.6
+  untouched = np.abs(out - base).max(axis=(1, 2, 3)) < 1e-5
+  assert abs(untouched.mean() - 0.096) < 0.02
+  # blur: the same keys with blur switched off differ exactly where blur fired
+  spec_nb = augment.CropSpec(32, (1.0, 1.0), 0.0, 0.0)
+  out_nb = np.asarray(jax.vmap(lambda k: augment.view(k, img, jnp.array([32, 32]), spec_nb,
+                                                       cfg))(keys))
+  blurred = np.abs(out - out_nb).max(axis=(1, 2, 3)) > 1e-4
+  assert abs(blurred.mean() - 0.4) < 0.035
+
+
+def test_presets_are_valid_config_updates(config):
+  from dino_jax.validate import validate  # pylint: disable=import-outside-toplevel
+  for name, fields in augment.PRESETS.items():
+    config.crops.update(fields)
+    validate(config)
+    cfg = augment.AugmentConfig.from_config(config)
+    assert cfg.global_crops[1].blur_p == fields['global2_blur_p'], name
+  assert augment.PRESETS['dinov2']['global1_blur_p'] == 0.0  # the effective probability
