@@ -32,6 +32,7 @@ def tiny_config(**overrides):
   c.epochs = 2
   c.data.canvas_size = 16
   c.model.arch = 'vit_pico'
+  c.model.patch_size = 4
   c.model.out_dim = 64
   c.model.head_hidden_dim = 32
   c.model.head_bottleneck_dim = 16

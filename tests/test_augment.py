@@ -70,11 +70,7 @@ def test_crop_boxes_follow_torchvision_law():
   area = h * w / (200 * 300)
   ratio = w / h
   assert area.min() >= 0.075 and area.max() <= 1.0
-  assert ratio.min() > 0.74 and ratio.max() < 1.35
-  # log-aspect is uniform in (log 3/4, log 4/3) among accepted draws: mean ~ 0, quartiles even
-  lr = np.log(ratio)
-  assert abs(np.mean(lr)) < 0.02
-  assert abs(np.mean(np.abs(lr) < np.log(4 / 3) / 2) - 0.5) < 0.06
+  assert ratio.min() > 0.74 and ratio.max() < 1.35  # (distribution: the KS test below)
 
 
 def test_fallback_is_center_crop_with_clamped_aspect():
@@ -111,14 +107,14 @@ def test_multicrop_shapes_determinism_and_variety():
 def test_flip_and_solarize_frequencies():
   """Constant-free check of per-crop probabilities on a left-right gradient image."""
   n = 3000
-  ramp = np.tile(np.linspace(0, 120, 16).astype(np.uint8)[None, :, None], (16, 1, 3))
+  ramp = np.tile(np.linspace(135, 255, 16).astype(np.uint8)[None, :, None], (16, 1, 3))
   cfg = augment.AugmentConfig(global_crops=(augment.CropSpec(16, (1.0, 1.0), 0.0, 0.3),),
                               local_crops=(), jitter_p=0.0, grayscale_p=0.0)
   keys = jax.random.split(jax.random.PRNGKey(0), n)
   out = jax.vmap(lambda k: augment.view(k, ramp, jnp.array([16, 16]), cfg.global_crops[0],
                                         cfg))(keys)
   out = np.asarray(out)
-  solarized = out.mean(axis=(1, 2, 3)) > 0.5  # ramp is dark; solarized crops are bright
+  solarized = out.mean(axis=(1, 2, 3)) < 0.5  # ramp is bright; solarized crops are dark
   left_dark = out[:, :, 0].mean(axis=(1, 2)) < out[:, :, -1].mean(axis=(1, 2))
   flipped = left_dark == solarized  # solarize reverses the ramp
   assert abs(solarized.mean() - 0.3) < 0.03

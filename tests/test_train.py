@@ -98,7 +98,7 @@ def test_cli_reports_config_error_before_compiling(tmp_path):
       capture_output=True, text=True, timeout=120, cwd=REPO)
   assert proc.returncode == 1
   assert 'error: config.crops.global_size: crop size 30 is not divisible by ' \
-         'model.patch_size=4' in proc.stderr
+         'model.patch_size=8' in proc.stderr
   assert not (tmp_path / 'w').exists()
 
 
