@@ -212,3 +212,22 @@ def test_presets_are_valid_config_updates(config):
     cfg = augment.AugmentConfig.from_config(config)
     assert cfg.global_crops[1].blur_p == fields['global2_blur_p'], name
   assert augment.PRESETS['dinov2']['global1_blur_p'] == 0.0  # the effective probability
+
+
+def test_jitter_applies_each_op_once_in_the_drawn_order():
+  """color_jitter equals the four ops applied one after another in its permutation."""
+  img = to_float(real_images(1)[0])
+  cfg = spec_config()
+  for seed in range(6):
+    key = jax.random.PRNGKey(seed)
+    kb, kc, ks, kh, kp = jax.random.split(key, 5)
+    f = [jax.random.uniform(kb, minval=0.6, maxval=1.4),
+         jax.random.uniform(kc, minval=0.6, maxval=1.4),
+         jax.random.uniform(ks, minval=0.8, maxval=1.2),
+         jax.random.uniform(kh, minval=-0.1, maxval=0.1)]
+    ops = [augment.adjust_brightness, augment.adjust_contrast, augment.adjust_saturation,
+           augment.adjust_hue]
+    want = img
+    for op_id in np.asarray(jax.random.permutation(kp, 4)):
+      want = ops[op_id](want, f[op_id])
+    np.testing.assert_allclose(augment.color_jitter(key, img, cfg), want, atol=1e-5)
