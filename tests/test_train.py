@@ -108,3 +108,32 @@ def test_dataset_smaller_than_a_batch_is_a_clear_error(tmp_path):
   config = tiny_config(**{'data.source': f'npz:{path}'})
   with pytest.raises(ValueError, match='fewer than one global batch'):
     train.build(config)
+
+
+def test_restart_resumes_from_latest_checkpoint_exactly(tmp_path, digits_npz):
+  """Delete the final checkpoint of an 8-step run; running again resumes at step 4 and ends
+  with bitwise the same state (data order and keys are functions of the step)."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  config = tiny_config(**{'data.source': f'npz:{digits_npz}', 'checkpoint_every': 4})
+  full = train.train_and_evaluate(config, str(tmp_path))
+  shutil.rmtree(tmp_path / 'checkpoints' / '8')
+  resumed = train.train_and_evaluate(config, str(tmp_path))
+  steps = [l['step'] for l in read_metrics(tmp_path) if 'loss' in l]
+  assert steps == list(range(1, 9)) + list(range(5, 9))  # the second run did steps 5..8
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize('name', ['vit_s16', 'cpu'])
+def test_shipped_configs_are_valid(name):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  validate(config, n_devices=8)
+  if name == 'vit_s16':  # the official defaults
+    assert (config.model.arch, config.model.patch_size, config.model.out_dim) == \
+        ('vit_small', 16, 65536)
+    assert config.optim.lr * config.batch_size / 256 == pytest.approx(1e-3)
+    assert (config.crops.n_local, config.crops.local_size, config.epochs) == (8, 96, 100)
