@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -77,7 +76,3 @@ def global_batch_check(global_batch: int, mesh: Mesh) -> None:
   if global_batch % jax.process_count():
     raise ValueError(f'config.batch_size={global_batch} is not divisible by the '
                      f'{jax.process_count()} processes')
-
-
-def put_replicated(x, mesh: Mesh):
-  return jax.device_put(jnp.asarray(x), replicated(mesh))

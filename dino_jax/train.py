@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 import json
 import math
 import os
@@ -10,7 +11,6 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 from flax import nnx
 
@@ -62,9 +62,9 @@ class Run:
   schedules: Schedules
   student_def: nnx.GraphDef
   teacher_def: nnx.GraphDef
-  init_fn: callable
+  init_fn: Callable
   state_shardings: object
-  step_fn: callable
+  step_fn: Callable
 
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Run:

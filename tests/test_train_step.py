@@ -1,6 +1,5 @@
 """The jitted train step: sharded == single device, teacher EMA, center update, no recompiles."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

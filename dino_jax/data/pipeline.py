@@ -42,7 +42,7 @@ def steps_per_epoch(n_images: int, global_batch: int) -> int:
   return n_images // global_batch
 
 
-def check_size(n_images: int, global_batch: int, process_count: int = 1) -> None:
+def check_size(n_images: int, global_batch: int) -> None:
   if n_images < global_batch:
     raise ValueError(f'the dataset has {n_images} images, fewer than one global batch '
                      f'(config.batch_size={global_batch})')
@@ -51,7 +51,7 @@ def check_size(n_images: int, global_batch: int, process_count: int = 1) -> None
 def train_dataset(source: Source, *, canvas_size: int, global_batch: int, seed: int,
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """Infinite MapDataset of this process's batches; element i is batch i."""
-  check_size(len(source), global_batch, process_count)
+  check_size(len(source), global_batch)
   local_batch = global_batch // process_count
   ds = grain.MapDataset.source(source)
   ds = ds[process_index::process_count]  # each process reads only its shard

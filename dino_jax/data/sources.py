@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -136,7 +136,3 @@ def check_kind(source: str) -> None:
   if kind not in KINDS or (kind != 'digits') != bool(arg):
     raise ValueError(f'config.data.source={source!r}: expected one of digits, npz:PATH, '
                      f'tfds:NAME[:SPLIT]')
-
-
-def stack(source: Source, indices: Sequence[int]) -> list[dict]:
-  return [source[int(i)] for i in indices]
