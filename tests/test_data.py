@@ -96,3 +96,16 @@ def test_eval_batches_cover_everything_once_with_padding_masked():
 def test_steps_per_epoch_drops_the_last_partial_batch():
   assert data.steps_per_epoch(1_281_167, 512) == 2502  # the official ImageNet count
   assert data.steps_per_epoch(1_281_167, 1024) == 1251
+
+
+def test_tfds_source_through_grain_with_mock_data():
+  """tfds:imagenet2012 (the ViT-S/16 default) read with tfds.data_source, no TensorFlow."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+    train, test = data.load('tfds:imagenet2012')
+    assert len(train) == 24 and train.has_labels
+    assert test is not None and len(test) == 24
+    batch = data.train_dataset(train, canvas_size=32, global_batch=8, seed=0)[0]
+  assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.uint8
+  assert (batch['hw'] <= 32).all() and (batch['hw'].max(axis=1) == 32).all()
+  assert ((batch['label'] >= 0) & (batch['label'] < 1000)).all()

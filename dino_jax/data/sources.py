@@ -106,12 +106,15 @@ def _npz(path: str) -> tuple[ArraySource, ArraySource | None]:
 
 
 def _tfds(name: str) -> tuple[TFDSSource, TFDSSource | None]:
+  """The requested split (default 'train') and, for k-NN, 'validation' or else 'test'."""
   name, _, split = name.partition(':')
   train = TFDSSource(name, split or 'train')
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  splits = tfds.builder(name).info.splits
-  test_split = next((s for s in ('validation', 'test') if s in splits), None)
-  return train, (TFDSSource(name, test_split) if test_split else None)
+  for test_split in ('validation', 'test'):
+    try:
+      return train, TFDSSource(name, test_split)
+    except (ValueError, KeyError):  # the dataset has no such split
+      continue
+  return train, None
 
 
 KINDS = ('digits', 'npz', 'tfds')
