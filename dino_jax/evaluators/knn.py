@@ -39,12 +39,14 @@ def knn_classify(train_feats, train_labels, test_feats, test_labels, *, k: int =
   num_classes = int(num_classes or max(train_labels.max(), test_labels.max()) + 1)
   k = min(k, len(train_feats))
   chunk = min(chunk, len(test_feats))
+  train_feats_dev = jax.device_put(train_feats)  # once, not once per chunk
+  train_labels_dev = jax.device_put(train_labels)
   top1 = top5 = 0
   for start in range(0, len(test_feats), chunk):
     block = test_feats[start:start + chunk]
     n = len(block)
     block = np.pad(block, ((0, chunk - n), (0, 0)))  # one compiled shape for every chunk
-    scores = np.asarray(knn_scores(block, train_feats, train_labels, k=k,
+    scores = np.asarray(knn_scores(block, train_feats_dev, train_labels_dev, k=k,
                                    temperature=temperature, num_classes=num_classes))[:n]
     labels = test_labels[start:start + n]
     order = np.argsort(-scores, axis=1, kind='stable')
