@@ -16,20 +16,13 @@ cost), width 96, depth 4, out_dim 4096, 2 x 32 px global and 4 x 16 px local cro
 40 epochs, no blur (it erases 32 px images), and a faster teacher EMA (0.99) that suits a short
 run. The README's "CPU recipe notes" list what we tried.
 """
-import importlib.util
 import pathlib
 
-
-def _paper_config():
-  path = pathlib.Path(__file__).with_name('vit_s16.py')
-  spec = importlib.util.spec_from_file_location('dino_vit_s16_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from dino_jax import config_file
 
 
 def get_config():
-  c = _paper_config()
+  c = config_file.load(pathlib.Path(__file__).with_name('vit_s16.py'))
   c.epochs = 40
   c.batch_size = 64
   c.dtype = 'float32'  # CPUs gain nothing from bfloat16

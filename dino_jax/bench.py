@@ -1,6 +1,7 @@
 """Benchmarks that print their numbers (never timed tests).
 
-  python -m dino_jax.bench augment [--batch 32] [--canvas 256] [--n-local 10]
+  python -m dino_jax.bench augment [--config configs/vit_s16.py] [--batch 32] [--canvas 256]
+      [--n-local 10]
       DINO multi-crop (2 x 224 + n_local x 96) images/s: the jitted on-device pipeline beside
       a PIL pipeline with the same ops run in this process on one core.
   python -m dino_jax.bench step --config=configs/cpu.py [--steps 10]
@@ -86,12 +87,11 @@ def pil_dino_views(image, rng: random.Random, n_local: int, global_size=224, loc
 
 def bench_augment(args) -> None:
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  from dino_jax import augment  # pylint: disable=import-outside-toplevel
+  from dino_jax import augment, config_file  # pylint: disable=import-outside-toplevel
   canvases, hw = _real_canvases(args.batch, args.canvas)
-  g = augment.CropSpec(224, (0.4, 1.0), 1.0, 0.0)
-  g2 = augment.CropSpec(224, (0.4, 1.0), 0.1, 0.2)
-  l = augment.CropSpec(96, (0.05, 0.4), 0.5, 0.0)
-  cfg = augment.AugmentConfig(global_crops=(g, g2), local_crops=(l,) * args.n_local)
+  config = config_file.load(args.config)  # default: the official DINO crop settings
+  config.crops.n_local = args.n_local
+  cfg = augment.AugmentConfig.from_config(config)
   fn = jax.jit(lambda k, c, s: augment.multicrop(k, c, s, cfg))
   c_dev, hw_dev = jax.device_put(canvases), jax.device_put(hw)
   t0 = time.perf_counter()
@@ -121,20 +121,21 @@ def bench_augment(args) -> None:
           f'{jax_ips / cores / pil_ips:.2f}x PIL per core')
 
 
+def _parse_override(config, text: str):
+  """'data.source=digits' -> ('data.source', value cast to the field's current type)."""
+  key, value = text.split('=', 1)
+  current = config
+  for part in key.split('.'):
+    current = current[part]
+  if isinstance(current, bool):
+    return key, value == 'True'
+  return key, type(current)(value)
+
+
 def bench_step(args) -> None:
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  from dino_jax import data, sharding, train  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location('bench_config', args.config)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for override in args.set:
-    key, value = override.split('=', 1)
-    *parents, leaf = key.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == 'True'
+  from dino_jax import config_file, data, sharding, train  # pylint: disable=import-outside-toplevel
+  config = config_file.load(args.config)
+  config_file.override(config, dict(_parse_override(config, o) for o in args.set))
   run = train.build(config)
   state = train.init_state(run)
   ds = data.train_dataset(run.train_source, canvas_size=config.data.canvas_size,
@@ -165,6 +166,8 @@ def main() -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest='what', required=True)
   a = sub.add_parser('augment')
+  a.add_argument('--config', default='configs/vit_s16.py',
+                 help='crop settings from this config (sizes, scales, probabilities)')
   a.add_argument('--batch', type=int, default=32)
   a.add_argument('--canvas', type=int, default=256)
   a.add_argument('--n-local', type=int, default=10)

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 import json
 import math
 import os
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +65,7 @@ class Run:
   init_fn: Callable
   state_shardings: object
   step_fn: Callable
+  feature_fn: Callable  # (teacher params, canvas, hw) -> L2-normalised CLS, for k-NN
 
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Run:
@@ -92,8 +93,11 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
                              center_momentum=config.loss.center_momentum)
   step_fn = train_step_lib.jit(step, state_shardings, sharding.batch_sharding(mesh),
                                sharding.replicated(mesh))
+  feature_fn = features_lib.make_feature_fn(teacher_def, size=config.crops.global_size,
+                                            crop_fraction=config.crops.eval_crop_fraction,
+                                            dtype=dtype)
   return Run(config, mesh, train_source, test_source, schedules, student_def, teacher_def,
-             init_fn, state_shardings, step_fn)
+             init_fn, state_shardings, step_fn, feature_fn)
 
 
 def init_state(run: Run):
@@ -107,13 +111,11 @@ def evaluate_knn(run: Run, state) -> dict[str, float] | None:
                                      run.test_source.has_labels):
     return None
   c = run.config
-  fn = features_lib.make_feature_fn(run.teacher_def, size=c.crops.global_size,
-                                    crop_fraction=c.crops.eval_crop_fraction,
-                                    dtype=jnp.dtype(c.dtype))
   kw = dict(mesh=run.mesh, canvas_size=c.data.canvas_size, batch_size=c.knn.batch_size)
-  train_f, train_y = features_lib.extract(fn, state.teacher_params, run.train_source,
-                                          limit=c.knn.max_train, **kw)
-  test_f, test_y = features_lib.extract(fn, state.teacher_params, run.test_source, **kw)
+  train_f, train_y = features_lib.extract(run.feature_fn, state.teacher_params,
+                                          run.train_source, limit=c.knn.max_train, **kw)
+  test_f, test_y = features_lib.extract(run.feature_fn, state.teacher_params, run.test_source,
+                                        **kw)
   res = knn.knn_classify(train_f, train_y, test_f, test_y, k=c.knn.k,
                          temperature=c.knn.temperature)
   return {'knn_top1': res['top1'], 'knn_top5': res['top5']}

@@ -23,11 +23,8 @@ SHARED_DATA = REPO.parent / 'shared' / 'data'
 
 def tiny_config(**overrides):
   """The CPU recipe shrunk until a train step compiles in seconds."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location('cpu_config', REPO / 'configs' / 'cpu.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  from dino_jax import config_file  # pylint: disable=import-outside-toplevel
+  c = config_file.load(REPO / 'configs' / 'cpu.py')
   c.batch_size = 16
   c.epochs = 2
   c.data.canvas_size = 16
@@ -45,13 +42,7 @@ def tiny_config(**overrides):
   c.eval_every = 0
   c.checkpoint_every = 1000
   c.knn.batch_size = 64
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return config_file.override(c, overrides)
 
 
 @pytest.fixture

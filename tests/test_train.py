@@ -126,11 +126,8 @@ def test_restart_resumes_from_latest_checkpoint_exactly(tmp_path, digits_npz):
 
 @pytest.mark.parametrize('name', ['vit_s16', 'cpu'])
 def test_shipped_configs_are_valid(name):
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from dino_jax import config_file  # pylint: disable=import-outside-toplevel
+  config = config_file.load(REPO / 'configs' / f'{name}.py')
   validate(config, n_devices=8)
   if name == 'vit_s16':  # the official defaults
     assert (config.model.arch, config.model.patch_size, config.model.out_dim) == \
