@@ -83,6 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.log_every = 50  # steps between metric lines
   c.checkpoint_every = 2500  # steps between checkpoints (and one at the end)
+  c.keep_checkpoints = 3  # newest checkpoints kept ...
+  c.keep_checkpoint_every = 0  # ... plus every step divisible by this (0: none)
+  c.init_from = ''  # workdir or WORKDIR/checkpoints/<step> whose weights start a new run
   c.eval_every = 12510  # steps between k-NN evals (0: only at the start and the end)
   c.knn = ml_collections.ConfigDict()
   c.knn.k = 20

@@ -1,6 +1,8 @@
 """Config validation: every mistake stops the run before compiling, with one line naming the field."""
 from __future__ import annotations
 
+import os
+
 from dino_jax.data import sources
 from dino_jax.models import PATCH_SIZES, VARIANTS
 
@@ -59,4 +61,10 @@ def validate(config, n_devices: int | None = None) -> None:
   _check(config.eval_every >= 0, 'eval_every', f'must be >= 0, got {config.eval_every}')
   _check(config.checkpoint_every > 0, 'checkpoint_every',
          f'must be positive, got {config.checkpoint_every}')
+  _check(config.keep_checkpoints > 0, 'keep_checkpoints',
+         f'must be positive, got {config.keep_checkpoints}')
+  _check(config.keep_checkpoint_every >= 0, 'keep_checkpoint_every',
+         f'must be >= 0, got {config.keep_checkpoint_every}')
+  _check(not config.init_from or os.path.isdir(config.init_from), 'init_from',
+         f'{config.init_from!r} is not a directory (a workdir or WORKDIR/checkpoints/<step>)')
   _check(config.knn.k > 0, 'knn.k', f'must be positive, got {config.knn.k}')
