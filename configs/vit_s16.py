@@ -27,9 +27,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.prefetch = 2  # batches prepared ahead of the step
 
   c.model = ml_collections.ConfigDict()
-  c.model.arch = 'vit_small'  # vit_pico | vit_tiny | vit_small | vit_base | vit_large
+  c.model.arch = 'vit_small'  # vit_pico | vit_tiny | vit_small | vit_base | vit_large | vit_giant2
   c.model.patch_size = 16  # 4 | 8 | 14 | 16; crop sizes must be multiples of it
   c.model.drop_path_rate = 0.1  # student stochastic depth (teacher: 0)
+  # DINOv2 backbone options (these defaults are the DINO v1 ViT):
+  c.model.layerscale = 0.0  # LayerScale gamma init on both residual branches (0: off; v2: 1e-5)
+  c.model.n_registers = 0  # register tokens after CLS, no pos-embed (v2 *_reg models: 4)
+  c.model.ffn = 'mlp'  # 'mlp' (GELU) | 'swiglu' (v2 ViT-g: hidden 2/3 of mlp width, ceil to 8)
+  c.model.mask_token = False  # learned token for masked patches (iBOT / DINOv2 masking)
+  c.model.interpolate_offset = 0.1  # pos-embed resize scale (n + offset)/S; 0: exact size
+  c.model.interpolate_antialias = False  # antialiased bicubic pos-embed resize (v2 reg models)
   c.model.out_dim = 65536  # K prototypes
   c.model.norm_last_layer = True  # freeze the prototypes' scale g at 1
   c.model.head_hidden_dim = 2048

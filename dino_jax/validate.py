@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from dino_jax.data import sources
-from dino_jax.models import PATCH_SIZES, VARIANTS
+from dino_jax.models import FFNS, PATCH_SIZES, VARIANTS
 
 
 class ConfigError(ValueError):
@@ -43,6 +43,10 @@ def validate(config, n_devices: int | None = None) -> None:
     raise ConfigError(str(e)) from None
   _check(m.out_dim > 0, 'model.out_dim', f'must be positive, got {m.out_dim}')
   _check(0 <= m.drop_path_rate < 1, 'model.drop_path_rate', 'must be in [0, 1)')
+  _check(m.ffn in FFNS, 'model.ffn', f'{m.ffn!r} is not one of {FFNS}')
+  _check(m.n_registers >= 0, 'model.n_registers', f'must be >= 0, got {m.n_registers}')
+  _check(m.layerscale >= 0, 'model.layerscale', f'must be >= 0 (0: off), got {m.layerscale}')
+  _check(m.interpolate_offset >= 0, 'model.interpolate_offset', 'must be >= 0')
   _check(config.batch_size > 0, 'batch_size', f'must be positive, got {config.batch_size}')
   if n_devices is not None:
     _check(config.batch_size % n_devices == 0, 'batch_size',

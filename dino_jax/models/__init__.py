@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dino_jax.models.head import DINOHead
-from dino_jax.models.vit import PATCH_SIZES, VARIANTS, ViT, ViTConfig, ViTOutput
+from dino_jax.models.vit import FFNS, PATCH_SIZES, VARIANTS, ViT, ViTConfig, ViTOutput
 
 
 class DINO(nnx.Module):
@@ -36,11 +36,13 @@ def build(config, *, teacher: bool = False, dtype=None, seed: int = 0) -> DINO:
   m = config.model
   vit_cfg = ViTConfig.from_variant(
       m.arch, m.patch_size, img_size=config.crops.global_size,
-      drop_path_rate=0.0 if teacher else m.drop_path_rate)
+      drop_path_rate=0.0 if teacher else m.drop_path_rate, layerscale=m.layerscale,
+      n_registers=m.n_registers, ffn=m.ffn, mask_token=m.mask_token,
+      interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias)
   return DINO(vit_cfg, m.out_dim, head_hidden_dim=m.head_hidden_dim,
               head_bottleneck_dim=m.head_bottleneck_dim, head_layers=m.head_layers,
               dtype=jnp.dtype(dtype or config.dtype), rngs=nnx.Rngs(seed))
 
 
-__all__ = ['DINO', 'DINOHead', 'PATCH_SIZES', 'VARIANTS', 'ViT', 'ViTConfig', 'ViTOutput',
+__all__ = ['DINO', 'DINOHead', 'FFNS', 'PATCH_SIZES', 'VARIANTS', 'ViT', 'ViTConfig', 'ViTOutput',
            'build']
