@@ -75,8 +75,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   sharding.global_batch_check(config.batch_size, mesh)
   train_source, test_source = data.load(config.data.source)
   data.pipeline.check_size(len(train_source), config.batch_size)
-  schedules = Schedules.from_config(config, data.steps_per_epoch(len(train_source),
-                                                                 config.batch_size))
+  schedules = Schedules.from_config(
+      config, config.data.epoch_length or data.steps_per_epoch(len(train_source),
+                                                               config.batch_size))
   dtype = jnp.dtype(config.dtype)
   student_def, abstract_params = nnx.split(nnx.eval_shape(lambda: models.build(config)))
   teacher_def, _ = nnx.split(nnx.eval_shape(lambda: models.build(config, teacher=True)))
@@ -85,12 +86,12 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   def init_fn():
     student = models.build(config, seed=config.seed)
     return state_lib.create(student, tx, config.model.out_dim,
-                            jax.random.PRNGKey(config.seed + 1))
+                            jax.random.PRNGKey(config.seed + 1), models.patch_out_dim(config))
 
   state_shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_fn))
   step = train_step_lib.make(student_def, teacher_def, tx, schedules,
                              augment.AugmentConfig.from_config(config), dtype=dtype,
-                             center_momentum=config.loss.center_momentum)
+                             loss=train_step_lib.LossSpec.from_config(config))
   step_fn = train_step_lib.jit(step, state_shardings, sharding.batch_sharding(mesh),
                                sharding.replicated(mesh))
   feature_fn = features_lib.make_feature_fn(teacher_def, size=config.crops.global_size,

@@ -54,6 +54,7 @@ class ViTConfig:
   img_size: int = 224
   mlp_ratio: float = 4.0
   drop_path_rate: float = 0.0
+  drop_path_uniform: bool = False  # same rate in every block (DINOv2) instead of linspace(0, r)
   layerscale: float = 0.0  # LayerScale init value (0: no LayerScale; DINOv2: 1e-5)
   n_registers: int = 0  # register tokens after CLS (DINOv2 *_reg models: 4)
   ffn: str = 'mlp'  # 'mlp' (fc1, GELU, fc2) | 'swiglu' (w12, SiLU gate, w3; DINOv2 ViT-g)
@@ -269,7 +270,8 @@ class ViT(nnx.Module):
     self.register_tokens = (nnx.Param(1e-6 * jax.random.normal(
         rngs.params(), (1, cfg.n_registers, d))) if cfg.n_registers else None)
     self.mask_token = nnx.Param(jnp.zeros((1, d), jnp.float32)) if cfg.mask_token else None
-    rates = np.linspace(0.0, cfg.drop_path_rate, cfg.depth)
+    rates = (np.full(cfg.depth, cfg.drop_path_rate) if cfg.drop_path_uniform
+             else np.linspace(0.0, cfg.drop_path_rate, cfg.depth))
     self.blocks = nnx.List([Block(cfg, float(r), dtype=dtype, rngs=rngs) for r in rates])
     self.norm = nnx.LayerNorm(d, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
 
