@@ -75,8 +75,9 @@ def sinkhorn_knopp(teacher_logits: jax.Array, teacher_temp, n_iters: int = 3,
   Q = exp(t / temp) over the (global) batch, normalised to total mass 1, then `n_iters` times:
   every prototype (column) to mass 1/K, every sample (row) to mass 1/B; returned times B.
   Rows where `valid` is False (padding) take no part and come back as zeros. The global max is
-  subtracted before exp (a constant factor that the first normalisation removes), so large
-  logits cannot overflow where the official fp32 code would.
+  subtracted before exp (a constant factor that the first normalisation removes) and empty
+  sums are guarded, so large logits give finite targets where the official fp32 code
+  overflows or divides 0 by 0.
   """
   t = teacher_logits.astype(jnp.float32) / teacher_temp
   keep = jnp.ones(t.shape[0], bool) if valid is None else valid
@@ -84,10 +85,11 @@ def sinkhorn_knopp(teacher_logits: jax.Array, teacher_temp, n_iters: int = 3,
   q = jnp.exp(t - jnp.max(t))
   b = jnp.sum(keep).astype(jnp.float32)
   k = t.shape[1]
+  tiny = jnp.finfo(jnp.float32).tiny  # a prototype no sample reaches keeps mass 0, not NaN
   q = q / jnp.sum(q)
   for _ in range(n_iters):
-    q = q / jnp.sum(q, axis=0, keepdims=True) / k
-    q = q / jnp.maximum(jnp.sum(q, axis=1, keepdims=True), 1e-30) / b
+    q = q / jnp.maximum(jnp.sum(q, axis=0, keepdims=True), tiny) / k
+    q = q / jnp.maximum(jnp.sum(q, axis=1, keepdims=True), tiny) / b
   return jax.lax.stop_gradient(q * b)
 
 
