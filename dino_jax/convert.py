@@ -227,29 +227,25 @@ def _unflat(flat: dict[str, Any]) -> dict:
   return tree
 
 
+_RULES = (  # (Flax pattern, official replacement, layout); the first match wins
+    (r'^patch_embed\.kernel$', 'patch_embed.proj.weight', 'conv'),
+    (r'^patch_embed\.bias$', 'patch_embed.proj.bias', 'same'),
+    (r'^(.*norm\d?)\.scale$', r'\1.weight', 'same'),  # LayerNorms
+    (r'^(.*)\.kernel$', r'\1.weight', 'linear'),  # Linears
+    (r'^(head\.last_layer\.weight_[gv])$', r'\1', 'linear'),  # (1, K) / (b, K) -> (K, 1) / (K, b)
+    (r'^(.*)$', r'\1', 'same'),  # tokens, pos_embed, biases, LayerScale gammas
+)
+
+
 def torch_key(flax_name: str, head_nlayers: int = 3) -> tuple[str, str]:
   """(official key, layout) of a Flax parameter path. Layouts: 'same', 'linear' (transpose a
   2-D (in, out) kernel to (out, in)), 'conv' (HWIO -> OIHW)."""
-  rules = [  # (Flax pattern, official replacement, layout); first match wins
-      (r'^patch_embed\.kernel$', 'patch_embed.proj.weight', 'conv'),
-      (r'^patch_embed\.bias$', 'patch_embed.proj.bias', 'same'),
-      (r'^(.*norm\d?)\.scale$', r'\1.weight', 'same'),
-      (r'^head\.mlp\.0\.kernel$' if head_nlayers == 1 else r'^$', 'head.mlp.weight', 'linear'),
-      (r'^head\.mlp\.0\.bias$' if head_nlayers == 1 else r'^$', 'head.mlp.bias', 'same'),
-      (r'^head\.mlp\.(\d+)\.(kernel|bias)$', None, None),  # Sequential index 2i, below
-      (r'^head\.last_layer\.(weight_[gv])$', r'head.last_layer.\1', 'linear'),
-      (r'^(.*)\.kernel$', r'\1.weight', 'linear'),
-      (r'^(.*)$', r'\1', 'same'),
-  ]
-  for pattern, repl, layout in rules:
-    m = re.match(pattern, flax_name)
-    if not m:
-      continue
-    if repl is None:  # head MLP: Linear i sits at Sequential index 2i (GELUs between)
-      i, leaf = int(m.group(1)), m.group(2)
-      return (f'head.mlp.{2 * i}.' + ('weight' if leaf == 'kernel' else 'bias'),
-              'linear' if leaf == 'kernel' else 'same')
-    return m.expand(repl), layout
+  # The head's Linear i sits at Sequential index 2i (GELUs between); nlayers=1: a bare Linear.
+  name = re.sub(r'^head\.mlp\.(\d+)\.', lambda m: 'head.mlp.' if head_nlayers == 1
+                else f'head.mlp.{2 * int(m.group(1))}.', flax_name)
+  for pattern, repl, layout in _RULES:
+    if m := re.match(pattern, name):
+      return m.expand(repl), layout
   raise AssertionError(flax_name)
 
 

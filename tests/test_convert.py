@@ -501,3 +501,34 @@ def test_safetensors_needs_no_torch_and_bad_converted_file(tmp_path):
   with pytest.raises(ValueError, match='not a dino_jax converted model'):
     convert.load_converted(tmp_path / 'x.safetensors')
 
+
+
+def test_name_table():
+  table = {
+      'patch_embed.kernel': ('patch_embed.proj.weight', 'conv'),
+      'blocks.3.norm1.scale': ('blocks.3.norm1.weight', 'same'),
+      'blocks.3.attn.qkv.kernel': ('blocks.3.attn.qkv.weight', 'linear'),
+      'blocks.3.mlp.w12.bias': ('blocks.3.mlp.w12.bias', 'same'),
+      'blocks.3.ls2.gamma': ('blocks.3.ls2.gamma', 'same'),
+      'norm.scale': ('norm.weight', 'same'),
+      'register_tokens': ('register_tokens', 'same'),
+      'head.mlp.2.kernel': ('head.mlp.4.weight', 'linear'),
+      'head.last_layer.weight_g': ('head.last_layer.weight_g', 'linear'),
+  }
+  for name, want in table.items():
+    assert convert.torch_key(name) == want, name
+  assert convert.torch_key('head.mlp.0.bias', head_nlayers=1) == ('head.mlp.bias', 'same')
+
+
+@pytest.mark.parametrize('nlayers', [1, 2, 3])
+def test_head_round_trip_any_depth(nlayers):
+  cfg, params = random_flax(patch_size=16, img_size=224)
+  head = models.DINOHead(128, 40, hidden_dim=24, bottleneck_dim=8, nlayers=nlayers,
+                         rngs=nnx.Rngs(1))
+  head_params = jax.tree.map(np.asarray, state_lib.pure_params(head))
+  sd = convert.to_state_dict(params, head_params, nlayers)
+  assert sd['head.last_layer.weight_v'].shape == (40, 8)
+  assert ('head.mlp.weight' in sd) == (nlayers == 1)
+  c = convert.convert(sd)
+  assert c.head_config == convert.HeadConfig(40, 24 if nlayers > 1 else 0, 8, nlayers)
+  assert_trees_equal(c.head, head_params)
