@@ -532,3 +532,11 @@ def test_head_round_trip_any_depth(nlayers):
   c = convert.convert(sd)
   assert c.head_config == convert.HeadConfig(40, 24 if nlayers > 1 else 0, 8, nlayers)
   assert_trees_equal(c.head, head_params)
+
+
+def test_pth_without_torch_says_what_to_install(tmp_path, monkeypatch):
+  monkeypatch.setitem(__import__('sys').modules, 'torch', None)  # import torch -> ImportError
+  with pytest.raises(ImportError, match=r"needs torch \(pip install 'dino_jax\[torch\]'\)"):
+    convert.read_file(tmp_path / 'dino_deitsmall16_pretrain.pth')
+  with pytest.raises(ImportError, match='write .safetensors instead'):
+    convert.export(random_flax(depth=1)[1], tmp_path / 'x.pth')
