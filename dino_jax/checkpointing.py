@@ -227,3 +227,15 @@ class PreemptionWatch:
 def abstract_with_shardings(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
+
+
+def restore_raw(workdir: str, step: int | None = None):
+  """(state, config) of a run's checkpoint as plain nested dicts of arrays, without knowing
+  the model (for export tools). step: default latest."""
+  mngr = manager(workdir)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {mngr.directory}')
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+  return restored['state'], restored['config']

@@ -1,0 +1,507 @@
+"""Official DINO / DINOv2 PyTorch weights <-> dino_jax Flax params.
+
+Reads (never unpickling arbitrary objects): DINO v1 hub backbones (`dino_deitsmall16_pretrain.pth`
+...), DINO v1 full training checkpoints (`student` / `teacher` / `dino_loss.center`), DINOv2 hub
+backbones with or without registers (S/B/L/g, patch 14), DINOv2 training checkpoints with
+chunked blocks (`blocks.<chunk>.<i>.`), and `.safetensors` files of any of these layouts.
+The architecture is inferred from the weights unless given; every key and shape is checked.
+
+Writes: a converted `.safetensors` file (Flax parameter paths, the model config as metadata)
+that `load` turns into a ready Flax module, and exports Flax params back to the official key
+layout as a PyTorch `.pth` state_dict or `.safetensors`.
+
+  python -m dino_jax.convert import dino_deitsmall16_pretrain.pth vits16.safetensors
+  python -m dino_jax.convert import dino_vitbase16_pretrain_full_checkpoint.pth b16.safetensors --key student
+  python -m dino_jax.convert export vits16.safetensors vits16_official.pth
+  python -m dino_jax.convert export WORKDIR teacher.safetensors   # a dino_jax training run
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pickle
+import re
+import sys
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from flax import nnx
+
+from dino_jax.models import DINOHead, VARIANTS, ViT, ViTConfig
+
+HEAD_DIM = 64  # every official DINO / DINOv2 ViT; pass heads= for other models
+HEAD_PREFIXES = ('head.', 'dino_head.')  # v1 full checkpoints / DINOv2 training checkpoints
+IGNORED_PREFIXES = ('ibot_head.',)  # DINOv2's separate iBOT head: no place in this model
+FORMAT = 'dino_jax.convert/1'
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not fit the model: a missing key, a shape or a layout mismatch."""
+
+
+class UnsafeCheckpointError(ValueError):
+  """The file holds pickled objects that are not plain tensors and containers."""
+
+
+class HeadConfig(NamedTuple):
+  out_dim: int
+  hidden_dim: int
+  bottleneck_dim: int
+  nlayers: int
+
+
+class Converted(NamedTuple):
+  vit: ViTConfig
+  backbone: dict  # nested Flax params of the ViT
+  head_config: HeadConfig | None = None
+  head: dict | None = None  # nested Flax params of the DINOHead, when the checkpoint has one
+  center: np.ndarray | None = None  # (1, K) DINO loss center of a v1 full checkpoint
+  ignored: tuple[str, ...] = ()  # checkpoint keys deliberately left out (e.g. ibot_head.*)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files safely
+
+def read_file(path: str | os.PathLike) -> dict:
+  """The checkpoint object at `path`: .safetensors without torch, .pth with weights_only."""
+  path = os.fspath(path)
+  if path.endswith('.safetensors'):
+    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    return load_file(path)
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ImportError(f'{path}: reading a PyTorch .pth file needs torch (pip install '
+                      f"'dino_jax[torch]'); .safetensors files need no torch") from None
+  # argparse.Namespace is a plain attribute bag: the v1 full checkpoints pickle their `args`.
+  with torch.serialization.safe_globals([argparse.Namespace]):
+    try:
+      obj = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise UnsafeCheckpointError(
+          f'{path}: refusing to load: the file pickles objects other than tensors and plain '
+          f'containers, and unpickling them could run arbitrary code ({first})') from None
+  return _to_numpy(obj)
+
+
+def _to_numpy(obj):
+  import torch  # pylint: disable=import-outside-toplevel
+  if isinstance(obj, torch.Tensor):
+    t = obj.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+  if isinstance(obj, dict):
+    return {k: _to_numpy(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return type(obj)(_to_numpy(v) for v in obj)
+  return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint layouts -> one flat state_dict in the hub key layout (+ 'head.*')
+
+def _is_state_dict(obj) -> bool:
+  return isinstance(obj, dict) and bool(obj) and all(
+      isinstance(v, np.ndarray) for v in obj.values())
+
+
+def select(obj: dict, key: str = 'teacher') -> tuple[dict, np.ndarray | None]:
+  """(state_dict, center) from any supported checkpoint layout, `key` choosing teacher/student.
+
+  Layouts: a bare state_dict (hub files); {'teacher': sd, 'student': sd, 'dino_loss':
+  {'center'}} (DINO v1 full; DINOv2 teacher_checkpoint.pth); {'model': {'teacher.*'...}}.
+  """
+  center = None
+  if isinstance(obj.get('dino_loss'), dict):
+    center = obj['dino_loss'].get('center')
+  if _is_state_dict(obj):
+    return obj, center
+  if key in obj and isinstance(obj[key], dict):
+    return obj[key], center
+  if isinstance(obj.get('model'), dict):
+    sd = {k[len(key) + 1:]: v for k, v in obj['model'].items() if k.startswith(key + '.')}
+    if sd:
+      return sd, center
+  found = sorted(k for k, v in obj.items() if isinstance(v, dict))
+  raise CheckpointError(f'no {key!r} weights in this checkpoint; its dict entries are {found}')
+
+
+def normalize_keys(sd: dict) -> tuple[dict, tuple[str, ...]]:
+  """Strip 'module.' / 'backbone.', map 'dino_head.' to 'head.', un-chunk 'blocks.c.i.'.
+
+  Returns the renamed state_dict and the keys left out on purpose (ibot_head.*).
+  """
+  out, ignored = {}, []
+  for k, v in sd.items():
+    name = k
+    for prefix in ('module.', 'backbone.'):
+      name = name[len(prefix):] if name.startswith(prefix) else name
+    if name.startswith(IGNORED_PREFIXES):
+      ignored.append(k)
+      continue
+    if name.startswith('dino_head.'):
+      name = 'head.' + name[len('dino_head.'):]
+    name = re.sub(r'^blocks\.\d+\.(\d+)\.', r'blocks.\1.', name)  # chunked -> flat
+    if name in out:
+      raise CheckpointError(f'two checkpoint keys map to {name!r} (second: {k!r})')
+    out[name] = np.asarray(v)
+  return out, tuple(ignored)
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture from the weights
+
+def _need(sd: dict, key: str) -> np.ndarray:
+  if key not in sd:
+    raise CheckpointError(f'checkpoint has no {key!r}: not a DINO/DINOv2 ViT state_dict '
+                   f'(first keys: {sorted(sd)[:5]})')
+  return sd[key]
+
+
+def infer_vit_config(sd: dict, **overrides) -> ViTConfig:
+  """ViTConfig (width, depth, heads, patch, pos-embed size, DINOv2 options) from the weights.
+
+  heads = width / 64 as in every official model; any field can be given in `overrides`.
+  """
+  patch_w = _need(sd, 'patch_embed.proj.weight')
+  width, patch = patch_w.shape[0], patch_w.shape[-1]
+  depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r'blocks\.(\d+)\.', k))),
+                  default=-1)
+  n_pos = _need(sd, 'pos_embed').shape[1] - 1
+  grid = math.isqrt(n_pos)
+  n_registers = sd['register_tokens'].shape[1] if 'register_tokens' in sd else 0
+  swiglu = 'blocks.0.mlp.w12.weight' in sd
+  mlp_ratio = 4.0 if swiglu or depth == 0 else sd['blocks.0.mlp.fc1.weight'].shape[0] / width
+  fields = dict(
+      width=width, depth=depth, heads=max(width // HEAD_DIM, 1), patch_size=patch,
+      img_size=grid * patch, mlp_ratio=mlp_ratio,
+      layerscale=1e-5 if 'blocks.0.ls1.gamma' in sd else 0.0,  # value comes from the file
+      n_registers=n_registers, ffn='swiglu' if swiglu else 'mlp',
+      mask_token='mask_token' in sd,
+      # DINOv2 register models resize to an exact size with antialiasing; the others use
+      # the +0.1 scale-factor offset of DINO v1.
+      interpolate_offset=0.0 if n_registers else 0.1, interpolate_antialias=bool(n_registers))
+  fields.update(overrides)
+  return ViTConfig(**fields)
+
+
+def infer_head_config(sd: dict) -> HeadConfig | None:
+  """DINOHead sizes from 'head.*' keys (None when the checkpoint has no head)."""
+  if not any(k.startswith('head.') for k in sd):
+    return None
+  v = _need(sd, 'head.last_layer.weight_v')
+  if 'head.mlp.weight' in sd:  # nlayers=1: a single Linear, no Sequential
+    return HeadConfig(v.shape[0], 0, v.shape[1], 1)
+  idx = sorted({int(m.group(1)) for k in sd if (m := re.match(r'head\.mlp\.(\d+)\.weight', k))})
+  hidden = sd['head.mlp.0.weight'].shape[0] if len(idx) > 1 else 0
+  return HeadConfig(out_dim=v.shape[0], hidden_dim=hidden, bottleneck_dim=v.shape[1],
+                    nlayers=len(idx))
+
+
+def arch_name(cfg: ViTConfig) -> str | None:
+  """The VARIANTS name of (width, depth, heads), if any."""
+  return next((n for n, v in VARIANTS.items() if v == (cfg.width, cfg.depth, cfg.heads)), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The name table: Flax path -> official key, and the layout change between them
+
+def _flat(tree: dict) -> dict[str, Any]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'.'.join(str(getattr(p, 'key', getattr(p, 'idx', p))) for p in path): v
+          for path, v in leaves}
+
+
+def _unflat(flat: dict[str, Any]) -> dict:
+  tree: dict = {}
+  for name, v in flat.items():
+    *parents, leaf = name.split('.')
+    node = tree
+    for p in parents:
+      node = node.setdefault(int(p) if p.isdigit() else p, {})
+    node[int(leaf) if leaf.isdigit() else leaf] = v
+  return tree
+
+
+_RULES = (  # (Flax pattern, official replacement, layout); the first match wins
+    (r'^patch_embed\.kernel$', 'patch_embed.proj.weight', 'conv'),
+    (r'^patch_embed\.bias$', 'patch_embed.proj.bias', 'same'),
+    (r'^(.*norm\d?)\.scale$', r'\1.weight', 'same'),  # LayerNorms
+    (r'^(.*)\.kernel$', r'\1.weight', 'linear'),  # Linears
+    (r'^(head\.last_layer\.weight_[gv])$', r'\1', 'linear'),  # (1, K) / (b, K) -> (K, 1) / (K, b)
+    (r'^(.*)$', r'\1', 'same'),  # tokens, pos_embed, biases, LayerScale gammas
+)
+
+
+def torch_key(flax_name: str, head_nlayers: int = 3) -> tuple[str, str]:
+  """(official key, layout) of a Flax parameter path. Layouts: 'same', 'linear' (transpose a
+  2-D (in, out) kernel to (out, in)), 'conv' (HWIO -> OIHW)."""
+  # The head's Linear i sits at Sequential index 2i (GELUs between); nlayers=1: a bare Linear.
+  name = re.sub(r'^head\.mlp\.(\d+)\.', lambda m: 'head.mlp.' if head_nlayers == 1
+                else f'head.mlp.{2 * int(m.group(1))}.', flax_name)
+  for pattern, repl, layout in _RULES:
+    if m := re.match(pattern, name):
+      return m.expand(repl), layout
+  raise AssertionError(flax_name)
+
+
+def _to_torch_layout(x: np.ndarray, layout: str) -> np.ndarray:
+  return {'same': lambda a: a, 'linear': lambda a: a.T,
+          'conv': lambda a: a.transpose(3, 2, 0, 1)}[layout](np.asarray(x))
+
+
+def _from_torch_layout(x: np.ndarray, layout: str) -> np.ndarray:
+  return {'same': lambda a: a, 'linear': lambda a: a.T,
+          'conv': lambda a: a.transpose(2, 3, 1, 0)}[layout](np.asarray(x))
+
+
+def _torch_shape(shape, layout: str) -> tuple[int, ...]:
+  s = tuple(shape)
+  return {'same': s, 'linear': s[::-1], 'conv': s[3:] + s[2:3] + s[:2]}[layout]
+
+
+def _shape_str(shape) -> str:
+  return str(tuple(int(s) for s in shape))
+
+
+def _import(sd: dict, abstract: dict, prefix: str, head_nlayers: int = 3) -> tuple[dict, set]:
+  """Flax params shaped like `abstract` from the official state_dict; returns (params, keys
+  used). A missing key or a shape mismatch raises naming the key and both shapes."""
+  out, used = {}, set()
+  for name, leaf in _flat(abstract).items():
+    key, layout = torch_key(prefix + name, head_nlayers)
+    want = _torch_shape(leaf.shape, layout)
+    if key not in sd:
+      raise CheckpointError(f'checkpoint has no {key!r}, which the model needs (shape '
+                            f'{_shape_str(want)})')
+    if tuple(sd[key].shape) != tuple(want):
+      raise CheckpointError(f'shape mismatch for {key!r}: the checkpoint has '
+                            f'{_shape_str(sd[key].shape)}, the model expects {_shape_str(want)}')
+    out[name] = np.ascontiguousarray(_from_torch_layout(sd[key], layout), dtype=np.float32)
+    used.add(key)
+  return _unflat(out), used
+
+
+def _abstract_params(module_fn) -> dict:
+  return nnx.state(nnx.eval_shape(module_fn), nnx.Param).to_pure_dict()
+
+
+def vit_from_state_dict(sd: dict, cfg: ViTConfig) -> tuple[dict, set]:
+  return _import(sd, _abstract_params(lambda: ViT(cfg, rngs=nnx.Rngs(0))), '')
+
+
+def head_from_state_dict(sd: dict, width: int, hcfg: HeadConfig) -> tuple[dict, set]:
+  abstract = _abstract_params(lambda: DINOHead(
+      width, hcfg.out_dim, hidden_dim=hcfg.hidden_dim, bottleneck_dim=hcfg.bottleneck_dim,
+      nlayers=hcfg.nlayers, rngs=nnx.Rngs(0)))
+  params, used = _import(sd, {'head': abstract}, '', hcfg.nlayers)
+  return params['head'], used
+
+
+def to_state_dict(backbone: dict, head: dict | None = None, head_nlayers: int = 3) -> dict:
+  """Flax params -> official state_dict (numpy, f32): hub backbone keys, plus 'head.*' keys
+  (DINO v1 layout) when `head` is given."""
+  flat = dict(_flat(backbone))
+  if head is not None:
+    flat.update({'head.' + k: v for k, v in _flat(head).items()})
+  out = {}
+  for name, v in flat.items():
+    key, layout = torch_key(name, head_nlayers)
+    out[key] = np.ascontiguousarray(_to_torch_layout(np.asarray(v, np.float32), layout))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole conversions
+
+def convert(path_or_obj, *, key: str = 'teacher', with_head: bool = True,
+            **vit_overrides) -> Converted:
+  """Convert an official checkpoint (path, or an already-read object) into Flax params."""
+  obj = read_file(path_or_obj) if isinstance(path_or_obj, (str, os.PathLike)) else path_or_obj
+  raw, center = select(obj, key)
+  sd, ignored = normalize_keys(raw)
+  vit = infer_vit_config(sd, **vit_overrides)
+  backbone, used = vit_from_state_dict(sd, vit)
+  hcfg = infer_head_config(sd) if with_head else None
+  head = None
+  if hcfg is not None:
+    head, used_head = head_from_state_dict(sd, vit.width, hcfg)
+    used |= used_head
+  elif not with_head:
+    ignored += tuple(k for k in sd if k.startswith('head.'))
+    used |= {k for k in sd if k.startswith('head.')}
+  extra = sorted(set(sd) - used)
+  if extra:
+    raise CheckpointError(f'checkpoint keys the model has no place for: {extra[:8]}'
+                     + (f' and {len(extra) - 8} more' if len(extra) > 8 else ''))
+  if center is not None:
+    center = np.asarray(center, np.float32).reshape(1, -1)
+  return Converted(vit, backbone, hcfg, head, center, ignored)
+
+
+def model_fields(c: Converted) -> dict:
+  """The `config.model` fields that rebuild this architecture (arch None if not a variant)."""
+  v = c.vit
+  fields = {'arch': arch_name(v), 'patch_size': v.patch_size, 'img_size': v.img_size,
+            'width': v.width, 'depth': v.depth, 'heads': v.heads, 'mlp_ratio': v.mlp_ratio,
+            'layerscale': v.layerscale, 'n_registers': v.n_registers, 'ffn': v.ffn,
+            'mask_token': v.mask_token, 'interpolate_offset': v.interpolate_offset,
+            'interpolate_antialias': v.interpolate_antialias}
+  if c.head_config is not None:
+    h = c.head_config
+    fields.update(out_dim=h.out_dim, head_hidden_dim=h.hidden_dim,
+                  head_bottleneck_dim=h.bottleneck_dim, head_layers=h.nlayers)
+  return fields
+
+
+def save(c: Converted, path: str | os.PathLike, source: str = '') -> None:
+  """Write a converted model as .safetensors: 'backbone.*', 'head.*', 'center' tensors (Flax
+  paths) and the architecture as JSON metadata."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  tensors = {'backbone.' + k: np.ascontiguousarray(v) for k, v in _flat(c.backbone).items()}
+  if c.head is not None:
+    tensors.update({'head.' + k: np.ascontiguousarray(v) for k, v in _flat(c.head).items()})
+  if c.center is not None:
+    tensors['center'] = np.ascontiguousarray(c.center)
+  meta = {'format': FORMAT, 'vit': json.dumps(dataclasses.asdict(c.vit)),
+          'head': json.dumps(c.head_config._asdict() if c.head_config else None),
+          'model': json.dumps(model_fields(c)), 'source': source}
+  save_file(tensors, os.fspath(path), metadata=meta)
+
+
+def load_converted(path: str | os.PathLike) -> Converted:
+  """Read a file written by `save` (no pickle)."""
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  with safe_open(os.fspath(path), framework='numpy') as f:
+    meta = f.metadata() or {}
+    if meta.get('format') != FORMAT:
+      raise ValueError(f'{path}: not a dino_jax converted model (metadata format '
+                       f'{meta.get("format")!r}); convert official weights with '
+                       f'`python -m dino_jax.convert import`')
+    tensors = {k: f.get_tensor(k) for k in f.keys()}
+  vit = ViTConfig(**json.loads(meta['vit']))
+  head = json.loads(meta['head'])
+  part = lambda p: _unflat({k[len(p):]: v for k, v in tensors.items() if k.startswith(p)})
+  return Converted(vit, part('backbone.'), HeadConfig(**head) if head else None,
+                   part('head.') if head else None, tensors.get('center'))
+
+
+def _set_params(module: nnx.Module, params: dict) -> nnx.Module:
+  state = nnx.state(module, nnx.Param)
+  state.replace_by_pure_dict(jax.tree.map(np.asarray, params))
+  nnx.update(module, state)
+  return module
+
+
+def build_backbone(c: Converted, dtype=np.float32) -> ViT:
+  """A ready Flax ViT holding the converted weights."""
+  return _set_params(ViT(c.vit, dtype=dtype, rngs=nnx.Rngs(0)), c.backbone)
+
+
+def build_head(c: Converted, dtype=np.float32) -> DINOHead:
+  if c.head is None:
+    raise ValueError('this checkpoint has no head (hub files are backbone-only)')
+  h = c.head_config
+  return _set_params(DINOHead(c.vit.width, h.out_dim, hidden_dim=h.hidden_dim,
+                              bottleneck_dim=h.bottleneck_dim, nlayers=h.nlayers, dtype=dtype,
+                              rngs=nnx.Rngs(0)), c.head)
+
+
+def load(path: str | os.PathLike, dtype=np.float32) -> ViT:
+  """A Flax ViT from a converted .safetensors file or directly from an official checkpoint."""
+  c = load_converted(path) if _is_converted(path) else convert(path)
+  return build_backbone(c, dtype)
+
+
+def _is_converted(path) -> bool:
+  if not os.fspath(path).endswith('.safetensors'):
+    return False
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  with safe_open(os.fspath(path), framework='numpy') as f:
+    return (f.metadata() or {}).get('format') == FORMAT
+
+
+def export(backbone: dict, path: str | os.PathLike, head: dict | None = None,
+           head_nlayers: int = 3) -> dict:
+  """Write Flax params in the official key layout: .safetensors, or a .pth state_dict that
+  the official ViT loads with strict=True (backbone only, as the hub files). Returns it."""
+  sd = to_state_dict(backbone, head, head_nlayers)
+  path = os.fspath(path)
+  if path.endswith('.safetensors'):
+    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+    save_file(sd, path)
+  else:
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ImportError("writing a .pth file needs torch (pip install 'dino_jax[torch]'); "
+                        'write .safetensors instead') from None
+    torch.save({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, path)
+  return sd
+
+
+def from_workdir(workdir: str, step: int | None = None, key: str = 'teacher') -> Converted:
+  """The teacher (or student) of a dino_jax training checkpoint, as a Converted model."""
+  from dino_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  state, config = checkpointing.restore_raw(workdir, step)
+  params = state['teacher_params' if key == 'teacher' else 'params']
+  params = jax.tree.map(np.asarray, params)
+  m = config['model']
+  vit = ViTConfig.from_variant(
+      m['arch'], m['patch_size'], img_size=config['crops']['global_size'],
+      **{f: m[f] for f in ('layerscale', 'n_registers', 'ffn', 'mask_token',
+                           'interpolate_offset', 'interpolate_antialias') if f in m})
+  head = HeadConfig(m['out_dim'], m['head_hidden_dim'], m['head_bottleneck_dim'],
+                    m['head_layers'])
+  return Converted(vit, _unflat(_flat(params['backbone'])), head,
+                   _unflat(_flat(params['head'])), np.asarray(state['center']))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m dino_jax.convert', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest='cmd', required=True)
+  imp = sub.add_parser('import', help='official .pth/.safetensors -> dino_jax .safetensors')
+  imp.add_argument('src')
+  imp.add_argument('dst', help='output .safetensors')
+  imp.add_argument('--key', default='teacher', choices=('teacher', 'student'),
+                   help='network to take from a full training checkpoint')
+  imp.add_argument('--no-head', action='store_true', help='drop the projection head')
+  imp.add_argument('--heads', type=int, help='attention heads (default: width / 64)')
+  exp = sub.add_parser('export', help='dino_jax model -> official layout (.pth/.safetensors)')
+  exp.add_argument('src', help='a file written by `import`, or a dino_jax training workdir')
+  exp.add_argument('dst', help='.pth (PyTorch state_dict) or .safetensors')
+  exp.add_argument('--step', type=int, help='checkpoint step of a workdir (default: latest)')
+  exp.add_argument('--with-head', action='store_true',
+                   help="also write the head as 'head.*' (DINO v1 full-checkpoint names)")
+  args = parser.parse_args(argv)
+  try:
+    if args.cmd == 'import':
+      overrides = {'heads': args.heads} if args.heads else {}
+      c = convert(args.src, key=args.key, with_head=not args.no_head, **overrides)
+      save(c, args.dst, source=os.path.basename(args.src))
+      n = sum(v.size for v in jax.tree.leaves((c.backbone, c.head)))
+      print(f'{args.src} -> {args.dst}: {model_fields(c)}, {n:,} parameters'
+            + (f', center {c.center.shape}' if c.center is not None else '')
+            + (f'; left out {len(c.ignored)} keys ({c.ignored[0]} ...)' if c.ignored else ''))
+    else:
+      c = from_workdir(args.src, args.step) if os.path.isdir(args.src) else load_converted(
+          args.src)
+      sd = export(c.backbone, args.dst, c.head if args.with_head else None,
+                  c.head_config.nlayers if c.head_config else 3)
+      print(f'{args.src} -> {args.dst}: {len(sd)} tensors in the official layout')
+  except (ValueError, ImportError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
