@@ -24,9 +24,11 @@ TEST_SPLITS = ('val', 'validation', 'test')
 def image_extensions() -> frozenset[str]:
   """Lower-case extensions of every format PIL can decode here (identify-only stubs left out)."""
   Image.init()
-  return frozenset(ext for ext, fmt in Image.registered_extensions().items()
-                   if fmt in Image.OPEN and
-                   not issubclass(Image.OPEN[fmt][0], ImageFile.StubImageFile))
+  def decodable(fmt):
+    factory = Image.OPEN.get(fmt, (None,))[0]
+    return factory is not None and not (isinstance(factory, type) and
+                                        issubclass(factory, ImageFile.StubImageFile))
+  return frozenset(ext for ext, fmt in Image.registered_extensions().items() if decodable(fmt))
 
 
 def _visible(name: str) -> bool:

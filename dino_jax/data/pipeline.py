@@ -106,7 +106,6 @@ def check_source(source: Source, global_batch: int, canvas_size: int,
   """Before training: one clear DataError unless at least one global batch of the source's
   records decodes (reads records in order until that many are found: cheap for good data)."""
   n = len(source)
-  check_size(n, global_batch)
   found, bad = 0, []
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
     for start in range(0, n, 4 * global_batch):
@@ -119,6 +118,7 @@ def check_source(source: Source, global_batch: int, canvas_size: int,
         return
   if not found:
     raise DataError(f'none of the {n} images can be read (first: {bad[0]})')
+  check_size(n, global_batch)
   raise DataError(f'the dataset has {found} readable images ({len(bad)} of {n} cannot be '
                   f'read, first: {bad[0]}), fewer than one global batch '
                   f'(config.batch_size={global_batch})')
