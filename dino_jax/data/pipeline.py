@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from dino_jax.data.decode import decode
+from dino_jax.data.decode import BadImage, decode
 from dino_jax.data.sources import DataError, Source, as_rgb
 
 
@@ -58,7 +58,7 @@ def try_canvas(record_fn, size: int) -> tuple[dict | None, str]:
     record = record_fn()
     canvas, hw = to_canvas(record_image(record, size), size)
   except Exception as e:  # pylint: disable=broad-except  # any bad record is skipped, not fatal
-    reason = str(e) if type(e).__name__ == 'BadImage' else f'{type(e).__name__}: {e}'
+    reason = str(e) if isinstance(e, BadImage) else f'{type(e).__name__}: {e}'
     return None, f'{record.get("path", "a record")}: {reason}'
   return {'image': canvas, 'hw': hw, 'label': np.int32(record['label'])}, ''
 
