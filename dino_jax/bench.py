@@ -7,6 +7,7 @@
   python -m dino_jax.bench step --config=configs/cpu.py [--steps 10]
       compile time, step time, images/s and FLOPs (XLA cost analysis) of the train step.
   python -m dino_jax.bench data [--config configs/cpu.py] [--canvas 256] [--steps 40]
+      [--data-dir ../shared/data]
       host JPEG decode + canvas resize images/s in one process (= per grain worker), on
       ../shared/data images written out as JPEG files (CIFAR at the config's canvas,
       Imagenette and DAVIS's 854x480 JPEG frames at --canvas);
@@ -19,6 +20,7 @@ import argparse
 import math
 import os
 import random
+import shutil
 import time
 
 import jax
@@ -167,7 +169,7 @@ def bench_step(args) -> None:
         f'{flops / step_s / 1e12:.3f} TFLOP/s achieved')
 
 
-SHARED = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data')
+SHARED = os.path.normpath(os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data'))
 
 
 def _write_jpegs(npz: str, key: str, root: str, n: int) -> str:
@@ -227,16 +229,17 @@ def bench_data(args) -> None:
   from dino_jax.data import folder  # pylint: disable=import-outside-toplevel
   tmp = tempfile.mkdtemp(prefix='dino_bench_data_')
   sets = {}
+  shared = args.data_dir
   for name, key, n in (('imagenette_96_subset', 'x_train', 1000),
                        ('cifar10_subset', 'x_train', 10000)):
-    npz = os.path.join(SHARED, f'{name}.npz')
+    npz = os.path.join(shared, f'{name}.npz')
     if os.path.exists(npz):
       sets[name] = _write_jpegs(npz, key, os.path.join(tmp, name), n)
-  davis = os.path.join(SHARED, 'davis2016_subset', 'JPEGImages', '480p')
+  davis = os.path.join(shared, 'davis2016_subset', 'JPEGImages', '480p')
   if glob.glob(os.path.join(davis, '*', '*.jpg')):
     sets['davis2016 480p frames'] = davis
   if not sets:
-    raise SystemExit(f'bench data needs the shared data folder ({SHARED})')
+    raise SystemExit(f'bench data needs the shared data folder ({shared}): see --data-dir')
   print(f'data: host decode + canvas, one process (= one grain worker), {os.cpu_count()} '
         f'cores visible')
   config = config_file.load(args.config)
@@ -248,7 +251,7 @@ def bench_data(args) -> None:
     h, w = np.asarray(data.pipeline.record_image(src[0], 10 ** 6)).shape[:2]
     print(f'  {name}: {len(src)} JPEGs of {w}x{h} ({kb:.1f} KB) -> {canvas}px canvas: '
           f'{ips:8.1f} images/s per worker')
-  cifar = os.path.join(SHARED, 'cifar10_subset.npz')
+  cifar = os.path.join(shared, 'cifar10_subset.npz')
   sources = ([f'folder:{sets["cifar10_subset"]}', f'npz:{cifar}'] if 'cifar10_subset' in sets
              else [config.data.source])
   print(f'data: share of the train loop spent waiting for data, {args.config} '
@@ -258,6 +261,7 @@ def bench_data(args) -> None:
     config.data.source = source
     frac, ms = _wait_fraction(config, args.steps)
     print(f'  {source}: {100 * frac:5.1f}% of {ms:.0f} ms/step waiting for the next batch')
+  shutil.rmtree(tmp)
 
 
 def main() -> None:
@@ -281,6 +285,7 @@ def main() -> None:
   d.add_argument('--config', default='configs/cpu.py', help='the recipe for the wait share')
   d.add_argument('--canvas', type=int, default=256, help='canvas size for the decode rate')
   d.add_argument('--steps', type=int, default=40)
+  d.add_argument('--data-dir', default=SHARED, help='the shared data folder')
   d.add_argument('--set', nargs='*', default=[], metavar='FIELD=VALUE',
                  help='config overrides, e.g. data.worker_count=2')
   args = parser.parse_args()
