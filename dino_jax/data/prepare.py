@@ -53,12 +53,13 @@ def _convert(job: tuple[str, int]) -> tuple[bytes | None, str]:
 def write_split(source: folder.FolderSource, dst: str, split: str, shards: int, max_size: int,
                 pool) -> dict:
   """Write one split's shards; returns its dataset.json entry."""
-  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
+  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
   n = len(source)
   shards = max(1, min(shards, n))
   names = records.shard_names(split, shards)
   per_shard = math.ceil(n / shards)
-  writers = [ArrayRecordWriter(os.path.join(dst, name), 'group_size:1') for name in names]
+  writers = [array_record_module.ArrayRecordWriter(os.path.join(dst, name), 'group_size:1')
+             for name in names]
   written, skipped = 0, []
 
   def converted():  # in order, a chunk at a time (PIL decodes without holding the GIL)
