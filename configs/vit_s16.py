@@ -26,16 +26,28 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.canvas_size = 256  # host resizes each image (aspect kept) into an S x S uint8 canvas
   c.data.worker_count = 8  # grain worker processes per host (0 = in the main process)
   c.data.prefetch = 2  # batches prepared ahead of the step
+  c.data.epoch_length = 0  # steps per "epoch" for every schedule (0: one pass; DINOv2: 1250)
 
   c.model = ml_collections.ConfigDict()
-  c.model.arch = 'vit_small'  # vit_pico | vit_tiny | vit_small | vit_base | vit_large
+  c.model.arch = 'vit_small'  # vit_pico | vit_tiny | vit_small | vit_base | vit_large | vit_giant2
   c.model.patch_size = 16  # 4 | 8 | 14 | 16; crop sizes must be multiples of it
   c.model.drop_path_rate = 0.1  # student stochastic depth (teacher: 0)
+  c.model.drop_path_uniform = False  # same rate in all blocks (DINOv2) vs linspace(0, rate)
+  # DINOv2 backbone options (these defaults are the DINO v1 ViT):
+  c.model.layerscale = 0.0  # LayerScale gamma init on both residual branches (0: off; v2: 1e-5)
+  c.model.n_registers = 0  # register tokens after CLS, no pos-embed (v2 *_reg models: 4)
+  c.model.ffn = 'mlp'  # 'mlp' (GELU) | 'swiglu' (v2 ViT-g: hidden 2/3 of mlp width, ceil to 8)
+  c.model.mask_token = False  # learned token for masked patches (iBOT / DINOv2 masking)
+  c.model.interpolate_offset = 0.1  # pos-embed resize scale (n + offset)/S; 0: exact size
+  c.model.interpolate_antialias = False  # antialiased bicubic pos-embed resize (v2 reg models)
   c.model.out_dim = 65536  # K prototypes
   c.model.norm_last_layer = True  # freeze the prototypes' scale g at 1
   c.model.head_hidden_dim = 2048
   c.model.head_bottleneck_dim = 256
   c.model.head_layers = 3
+  c.model.ibot_separate_head = False  # iBOT patch tokens through their own head (v2 L/g)
+  c.model.ibot_out_dim = 65536  # prototypes of the separate iBOT head
+  c.model.ibot_bottleneck_dim = 256
 
   c.crops = ml_collections.ConfigDict()
   c.crops.global_size = 224  # 2 global crops: the teacher sees only these
@@ -62,16 +74,26 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.student_temp = 0.1
   c.loss.teacher_temp = 0.04  # final teacher temperature ("above 0.07 is unstable")
   c.loss.warmup_teacher_temp = 0.04  # teacher temperature at epoch 0
-  c.loss.warmup_teacher_temp_epochs = 0  # linear per-epoch warmup length
+  c.loss.warmup_teacher_temp_epochs = 0  # linear warmup length
+  c.loss.teacher_temp_per_step = False  # warmup per step (DINOv2) instead of per epoch (v1)
   c.loss.center_momentum = 0.9
+  c.loss.centering = 'centering'  # teacher targets: 'centering' (EMA) | 'sinkhorn_knopp'
+  c.loss.koleo_weight = 0.0  # KoLeo on the student's global CLS, per crop (DINOv2: 0.1)
+  c.loss.ibot_weight = 0.0  # iBOT masked-patch loss (DINOv2: 1.0; needs model.mask_token)
+  c.loss.mask_probability = 0.5  # fraction of global-crop images that are masked
+  c.loss.mask_ratio = (0.1, 0.5)  # stratified range of the masked fraction of a masked image
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 5e-4  # peak lr at batch 256 (linear scaling), after warmup
+  c.optim.lr = 5e-4  # peak lr at the reference batch, after warmup
+  c.optim.lr_scaling = 'linear'  # 'linear': lr * batch / 256 | 'sqrt': lr * sqrt(batch / 1024)
+  c.optim.layer_decay = 1.0  # layer-wise lr decay: block i gets decay ** (depth - i) (v2: 0.9)
+  c.optim.patch_embed_lr_mult = 1.0  # extra lr factor of the patch embedding (v2: 0.2)
   c.optim.min_lr = 1e-6  # end of the cosine
   c.optim.warmup_epochs = 10
   c.optim.weight_decay = 0.04  # cosine schedule start ...
   c.optim.weight_decay_end = 0.4  # ... and end
-  c.optim.clip_grad = 3.0  # per-tensor gradient norm clip (0 disables)
+  c.optim.clip_grad = 3.0  # gradient norm clip (0 disables) ...
+  c.optim.clip_mode = 'per_param'  # ... of each tensor (v1) | 'per_module' global norm (v2)
   c.optim.freeze_last_layer = 1  # epochs with the head's last layer frozen
   c.optim.momentum_teacher = 0.996  # teacher EMA momentum, cosine to 1
   c.optim.b1 = 0.9
@@ -84,6 +106,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.log_every = 50  # steps between metric lines
   c.checkpoint_every = 2500  # steps between checkpoints (and one at the end)
+  c.keep_checkpoints = 3  # newest checkpoints kept ...
+  c.keep_checkpoint_every = 0  # ... plus every step divisible by this (0: none)
+  c.init_from = ''  # workdir or WORKDIR/checkpoints/<step> whose weights start a new run
   c.eval_every = 12510  # steps between k-NN evals (0: only at the start and the end)
   c.knn = ml_collections.ConfigDict()
   c.knn.k = 20

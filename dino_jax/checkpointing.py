@@ -1,42 +1,227 @@
 """Checkpoints: the only module that talks to orbax.
 
-A checkpoint holds the whole TrainState (student, teacher, optimizer state, center, step, rng)
-and the run's config as JSON, under WORKDIR/checkpoints/<step>.
+WORKDIR/checkpoints/<step>/ holds three items: `state` (the whole TrainState: student, teacher,
+optimizer state, center, step, rng), `data` (the input iterator's state, JSON) and `config`
+(the run's config, JSON). Saves are asynchronous; orbax writes each step to a temporary
+directory and renames it when complete, so a half-written save is never mistaken for a
+checkpoint. `restore_latest` walks back past damaged checkpoints instead of failing the run.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import signal
+import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+ITEMS = ('state', 'data', 'config')
+
+# Config fields a resumed run must share with the run that wrote the checkpoint: they fix the
+# parameter shapes, the data order or the meaning of a step. Any other difference (lr, epochs,
+# logging, evaluation, mesh ...) is allowed and logged.
+RESUME_CRITICAL = ('model', 'batch_size', 'data.source', 'data.canvas_size', 'seed',
+                   'crops.global_size', 'crops.n_local', 'crops.local_size')
 
 
-def manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                               options=options, item_names=('state', 'config'))
+class CheckpointMismatchError(ValueError):
+  pass
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, config) -> None:
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          config=ocp.args.JsonSave(config.to_dict())),
-            force=True)
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def manager(workdir: str, keep: int = 3, keep_every: int = 0,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  """Keep the newest `keep` checkpoints plus every step divisible by `keep_every` (0: none)."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, keep_period=keep_every or None, create=not read_only,
+      read_only=read_only, enable_async_checkpointing=True)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, config, data_state: dict) -> None:
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+      config=ocp.args.JsonSave(config.to_dict())), force=True)
 
 
 def latest_step(mngr: ocp.CheckpointManager) -> int | None:
   return mngr.latest_step()
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None):
-  """The TrainState at `step` (default: latest) laid out like `abstract_state`
-  (ShapeDtypeStructs with shardings), and the saved config dict."""
+@dataclasses.dataclass
+class Restored:
+  state: object
+  data: dict
+  config: dict
+  step: int
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None) -> Restored:
+  """The checkpoint at `step` (default: latest), its state laid out like `abstract_state`
+  (ShapeDtypeStructs carrying the target shardings: any mesh or device count)."""
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {mngr.directory}')
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore()))
-  return restored['state'], restored['config']
+  r = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+      config=ocp.args.JsonRestore()))
+  return Restored(r['state'], r['data'], r['config'], step)
+
+
+def restore_latest(workdir: str, mngr: ocp.CheckpointManager, abstract_state,
+                   config) -> tuple[Restored | None, ocp.CheckpointManager]:
+  """Restore the newest readable checkpoint of `workdir`, or None when it has none.
+
+  A checkpoint that fails to read is reported, renamed to `<step>.damaged` (kept for
+  inspection, never deleted) and the previous one is tried. A checkpoint written under a config
+  that cannot resume this one raises CheckpointMismatchError. Returns the (possibly reopened)
+  manager too, since renaming changes the steps it knows.
+  """
+  while (step := mngr.latest_step()) is not None:
+    try:
+      saved_config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+      check_resumable(saved_config['config'], config.to_dict(), workdir)
+      return restore(mngr, abstract_state, step), mngr
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      msg = f'{type(e).__name__}: {e}'.splitlines()[0][:300]
+      logging.warning('checkpoint %d in %s is damaged (%s); trying the previous one', step,
+                      mngr.directory, msg)
+      print(f'warning: checkpoint {step} in {mngr.directory} is damaged ({msg}); '
+            f'moved to {step}.damaged, trying the previous one', flush=True)
+      mngr.close()
+      _set_aside(os.path.join(str(mngr.directory), str(step)))
+      mngr = manager(workdir, keep=config.keep_checkpoints,
+                     keep_every=config.keep_checkpoint_every)
+  return None, mngr
+
+
+def _set_aside(path: str) -> None:
+  if jax.process_index() == 0 and os.path.exists(path):
+    target = path + '.damaged'
+    if os.path.exists(target):
+      target += f'.{int(time.time())}'
+    os.rename(path, target)
+  multihost_utils.sync_global_devices(f'set aside {path}')
+
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def check_resumable(saved: dict, current: dict, workdir: str) -> None:
+  """Raise CheckpointMismatchError naming every resume-critical field that differs."""
+  a, b = _flatten(saved), _flatten(current)
+  critical = [k for k in sorted(set(a) | set(b))
+              if a.get(k) != b.get(k) and any(k == p or k.startswith(p + '.')
+                                              for p in RESUME_CRITICAL)]
+  if critical:
+    diffs = '; '.join(f'{k}: checkpoint {a.get(k)!r}, this run {b.get(k)!r}' for k in critical)
+    raise CheckpointMismatchError(
+        f'{workdir} holds a run this config cannot resume ({diffs}). Use a new --workdir, '
+        f'or set those fields as the checkpoint has them.')
+  other = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  if other:
+    logging.info('resuming with changed config fields: %s', ', '.join(other))
+
+
+def _open(path: str, step: int | None) -> tuple[ocp.CheckpointManager, int]:
+  """A read-only manager and a step for a workdir or a WORKDIR/checkpoints/<step> path."""
+  path = os.path.abspath(path)
+  base = os.path.basename(path.rstrip('/'))
+  if base.isdigit() and os.path.isdir(os.path.join(path, 'state')):
+    root, step = os.path.dirname(path), int(base) if step is None else step
+  elif os.path.isdir(os.path.join(path, 'checkpoints')):
+    root = os.path.join(path, 'checkpoints')
+  elif base == 'checkpoints' and os.path.isdir(path):
+    root = path
+  else:
+    raise FileNotFoundError(f'{path} is neither a dino_jax workdir nor a checkpoint step '
+                            f'directory (WORKDIR/checkpoints/<step>)')
+  mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_names=ITEMS)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    mngr.close()
+    raise FileNotFoundError(f'no checkpoint in {root}')
+  return mngr, step
+
+
+def read_config(path: str, step: int | None = None) -> tuple[dict, int]:
+  """(saved config dict, step) of a workdir's newest checkpoint or of a step directory."""
+  mngr, step = _open(path, step)
+  try:
+    r = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return r['config'], step
+  finally:
+    mngr.close()
+
+
+def restore_params(path: str, abstract_params: dict, which: str = 'teacher',
+                   step: int | None = None) -> tuple[dict, int]:
+  """(params of `which` ('teacher' | 'student'), step) from a workdir or a step directory,
+  reading only that part of the state. abstract_params: ShapeDtypeStructs of the params
+  tree; with shardings they come back as sharded jax Arrays, without as numpy arrays."""
+  key = {'teacher': 'teacher_params', 'student': 'params'}.get(which)
+  if key is None:
+    raise ValueError(f"which={which!r}: choose 'teacher' or 'student'")
+
+  def restore_arg(x):
+    if getattr(x, 'sharding', None) is None:
+      return ocp.RestoreArgs(restore_type=np.ndarray)
+    return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
+
+  mngr, step = _open(path, step)
+  try:
+    item = {key: abstract_params}
+    r = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, partial_restore=True, restore_args=jax.tree.map(restore_arg, item))))
+    return r['state'][key], step
+  finally:
+    mngr.close()
+
+
+class PreemptionWatch:
+  """Step-boundary preemption check. One process: a SIGTERM handler sets a flag. Several
+  processes: JAX's preemption sync point (it listens for the signal itself), so all processes
+  agree on the step at which to save."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if jax.process_count() == 1:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+      except ValueError:  # not the main thread: leave signals alone
+        logging.warning('not in the main thread: SIGTERM will not save a checkpoint')
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 def abstract_with_shardings(tree, shardings):

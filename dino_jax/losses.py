@@ -51,14 +51,76 @@ def entropy(p: jax.Array) -> jax.Array:
   return -jnp.mean(jnp.sum(p * jnp.log(jnp.clip(p, 1e-30)), axis=-1))
 
 
-def distill_stats(student_logits, teacher_logits, center, student_temp, teacher_temp,
-                  n_global: int = 2) -> dict[str, jax.Array]:
-  """Monitoring numbers: teacher entropy and KL(teacher || student) over the global crops.
+def distill_stats(student_logits, targets, student_temp, n_global: int = 2
+                  ) -> dict[str, jax.Array]:
+  """Monitoring numbers: teacher entropy and KL(teacher || student) over the global crops
+  (targets: the teacher probabilities, `teacher_probs` or `sinkhorn_knopp`).
 
   Falling teacher entropy with KL near 0 is collapse to one prototype; entropy stuck at log K
   is collapse to uniform.
   """
-  q = teacher_probs(teacher_logits, center, teacher_temp)
+  q = targets
   logp = jax.nn.log_softmax(student_logits[:q.shape[0]].astype(jnp.float32) / student_temp, -1)
   kl = jnp.mean(jnp.sum(q * (jnp.log(jnp.clip(q, 1e-30)) - logp), axis=-1))
   return {'teacher_entropy': entropy(q), 'kl': kl}
+
+
+# DINOv2 additions ------------------------------------------------------------------------
+
+
+def sinkhorn_knopp(teacher_logits: jax.Array, teacher_temp, n_iters: int = 3,
+                   valid: jax.Array | None = None) -> jax.Array:
+  """Teacher targets by Sinkhorn-Knopp (DINOv2's alternative to centering), rows sum to 1.
+
+  Q = exp(t / temp) over the (global) batch, normalised to total mass 1, then `n_iters` times:
+  every prototype (column) to mass 1/K, every sample (row) to mass 1/B; returned times B.
+  Rows where `valid` is False (padding) take no part and come back as zeros. The global max is
+  subtracted before exp (a constant factor that the first normalisation removes) and empty
+  sums are guarded, so large logits give finite targets where the official fp32 code
+  overflows or divides 0 by 0.
+  """
+  t = teacher_logits.astype(jnp.float32) / teacher_temp
+  keep = jnp.ones(t.shape[0], bool) if valid is None else valid
+  t = jnp.where(keep[:, None], t, -jnp.inf)
+  q = jnp.exp(t - jnp.max(t))
+  b = jnp.sum(keep).astype(jnp.float32)
+  k = t.shape[1]
+  tiny = jnp.finfo(jnp.float32).tiny  # a prototype no sample reaches keeps mass 0, not NaN
+  q = q / jnp.sum(q)
+  for _ in range(n_iters):
+    q = q / jnp.maximum(jnp.sum(q, axis=0, keepdims=True), tiny) / k
+    q = q / jnp.maximum(jnp.sum(q, axis=1, keepdims=True), tiny) / b
+  return jax.lax.stop_gradient(q * b)
+
+
+def koleo(x: jax.Array, eps: float = 1e-8) -> jax.Array:
+  """Kozachenko-Leonenko entropy estimator loss: -mean_i log(||x_i - x_nn(i)|| + eps) on
+  L2-normalised rows, nn(i) the most similar other row (DINOv2's regulariser)."""
+  x = x.astype(jnp.float32)
+  x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  sim = jnp.dot(x, x.T, precision=jax.lax.Precision.HIGHEST)
+  sim = jnp.where(jnp.eye(x.shape[0], dtype=bool), -1.0, sim)
+  nn = jax.lax.stop_gradient(jnp.argmax(sim, axis=1))
+  dist = jnp.linalg.norm(x - x[nn] + eps, axis=-1)  # torch PairwiseDistance adds eps
+  return -jnp.mean(jnp.log(dist + eps))
+
+
+def ibot_patch_loss(student_logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                    student_temp, n_images: int) -> jax.Array:
+  """iBOT masked-patch loss: sum_j w_j H(targets_j, softmax(s_j / temp)) / n_images.
+
+  Rows are the masked tokens (padding rows carry weight 0); w_j = 1 / (masked count of token
+  j's image), so this is the per-image mean over masked tokens averaged over all n_images
+  global crops (unmasked images count in the denominator).
+  """
+  logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
+  ce = -jnp.sum(targets * logp, axis=-1)
+  return jnp.sum(ce * weights) / n_images
+
+
+def update_patch_center(center: jax.Array, patch_logits: jax.Array, valid: jax.Array,
+                        momentum=0.9) -> jax.Array:
+  """EMA of the mean teacher logit over the valid (masked) tokens."""
+  mean = (jnp.sum(jnp.where(valid[:, None], patch_logits.astype(jnp.float32), 0.0), axis=0,
+                  keepdims=True) / jnp.maximum(jnp.sum(valid), 1))
+  return center * momentum + mean * (1.0 - momentum)

@@ -1,11 +1,14 @@
 """The DINO optimizer as one optax chain.
 
-    per-tensor gradient clipping (each tensor to norm <= clip on its own, not global norm)
+    gradient clipping: each tensor to norm <= clip on its own (v1), or each module's global
+    norm (v2)
  -> Adam moments (the head's last layer keeps its own moments, untouched while frozen)
  -> decoupled weight decay on the scheduled value, except biases and 1-D tensors
  -> scale by the scheduled learning rate
  -> zero the last layer while it is frozen (no update AND no decay), and g always when
     `norm_last_layer` (it stays exactly 1)
+ -> layer-wise lr decay and the patch-embedding lr factor (v2), scaling lr and decay alike as
+    PyTorch param groups with their own lr do
 
 This is PyTorch AdamW as the official code drives it: a frozen parameter there gets no grad,
 so AdamW skips it entirely and its step counter starts when it unfreezes.
@@ -18,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dino_jax.models.vit import VARIANTS
 from dino_jax.schedules import Schedules
 
 
@@ -44,6 +48,48 @@ def param_labels(params, norm_last_layer: bool) -> Any:
       return 'rest'
     return 'frozen' if norm_last_layer and name.endswith('weight_g') else 'last_layer'
   return jax.tree.map(label, param_names(params))
+
+
+def lr_multipliers(params, depth: int, layer_decay: float, patch_embed_mult: float) -> Any:
+  """Per-parameter lr factors (DINOv2's param groups): decay ** (depth + 1 - layer id), where
+  the embeddings (patch_embed, pos_embed, cls/register/mask tokens) are layer 0, block i is
+  layer i + 1 and everything after the blocks (final norm, heads) is depth + 1 (factor 1);
+  the patch embedding gets `patch_embed_mult` on top."""
+  embeddings = ('patch_embed', 'pos_embed', 'cls_token', 'register_tokens', 'mask_token')
+
+  def factor(name):
+    parts = name.split('/')
+    if parts[0] != 'backbone':
+      layer = depth + 1
+    elif parts[1] in embeddings:
+      layer = 0
+    elif parts[1] == 'blocks':
+      layer = int(parts[2]) + 1
+    else:
+      layer = depth + 1
+    mult = layer_decay ** (depth + 1 - layer)
+    return mult * (patch_embed_mult if parts[:2] == ['backbone', 'patch_embed'] else 1.0)
+  return jax.tree.map(factor, param_names(params))
+
+
+def scale_per_param(factors) -> optax.GradientTransformation:
+  """Multiply each update by its (static) factor."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, f: u * f if f != 1.0 else u, updates, factors), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def clip_by_global_norm_per_module(max_norm: float) -> optax.GradientTransformation:
+  """Clip each top-level module's gradients (backbone, head, ibot_head) to global norm
+  max_norm, as DINOv2 does (factor max_norm / (norm + 1e-6) when below 1)."""
+  def update(updates, state, params=None):
+    del params
+    def clip(tree):
+      c = max_norm / (optax.global_norm(tree) + 1e-6)
+      return jax.tree.map(lambda g: jnp.where(c < 1.0, g * c, g).astype(g.dtype), tree)
+    return {k: clip(v) for k, v in updates.items()}, state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
 def clip_by_norm_per_param(max_norm: float) -> optax.GradientTransformation:
@@ -96,6 +142,9 @@ def zero_labelled(labels: Any, frozen: Callable[[jax.Array], jax.Array]):
   return optax.GradientTransformation(init, update)
 
 
+CLIPS = {'per_param': clip_by_norm_per_param, 'per_module': clip_by_global_norm_per_module}
+
+
 def make(config, schedules: Schedules, params) -> optax.GradientTransformation:
   """The optimizer for `params` (the student's pure-dict params)."""
   o = config.optim
@@ -103,7 +152,7 @@ def make(config, schedules: Schedules, params) -> optax.GradientTransformation:
   adam = lambda: optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps)
   parts = []
   if o.clip_grad > 0:
-    parts.append(clip_by_norm_per_param(o.clip_grad))
+    parts.append(CLIPS[o.clip_mode](o.clip_grad))
   parts += [
       optax.multi_transform({'rest': adam(),
                              'last_layer': freeze_while(adam(), schedules.last_layer_frozen),
@@ -112,4 +161,8 @@ def make(config, schedules: Schedules, params) -> optax.GradientTransformation:
       optax.scale_by_learning_rate(schedules.lr),
       zero_labelled(labels, schedules.last_layer_frozen),
   ]
+  if o.layer_decay != 1.0 or o.patch_embed_lr_mult != 1.0:
+    depth = VARIANTS[config.model.arch][1]
+    parts.append(scale_per_param(lr_multipliers(params, depth, o.layer_decay,
+                                                o.patch_embed_lr_mult)))
   return optax.chain(*parts)

@@ -36,6 +36,16 @@ def teacher_temperature(step, steps_per_epoch: int, warmup_temp: float, temp: fl
   return jnp.where(epoch < warmup_epochs, warm, temp)
 
 
+LR_SCALING = {
+    'linear': lambda lr, batch: lr * batch / 256.0,  # DINO
+    'sqrt': lambda lr, batch: lr * (batch / 1024.0) ** 0.5,  # DINOv2
+}
+
+
+def scaled_lr(lr: float, batch_size: int, rule: str) -> float:
+  return LR_SCALING[rule](lr, batch_size)
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedules:
   """All of a run's schedules, built once from the config; each is step -> value."""
@@ -52,6 +62,7 @@ class Schedules:
   warmup_teacher_temp: float
   warmup_teacher_temp_epochs: int
   freeze_last_layer_steps: int
+  teacher_temp_per_step: bool = False
 
   @classmethod
   def from_config(cls, config, steps_per_epoch: int) -> 'Schedules':
@@ -59,7 +70,7 @@ class Schedules:
     return cls(
         steps_per_epoch=steps_per_epoch,
         total_steps=config.epochs * steps_per_epoch,
-        lr_peak=o.lr * config.batch_size / 256.0,  # linear scaling rule
+        lr_peak=scaled_lr(o.lr, config.batch_size, o.lr_scaling),
         min_lr=o.min_lr,
         warmup_steps=int(round(o.warmup_epochs * steps_per_epoch)),
         wd=o.weight_decay, wd_end=o.weight_decay_end,
@@ -67,7 +78,8 @@ class Schedules:
         student_temp=l.student_temp,
         teacher_temp=l.teacher_temp, warmup_teacher_temp=l.warmup_teacher_temp,
         warmup_teacher_temp_epochs=l.warmup_teacher_temp_epochs,
-        freeze_last_layer_steps=int(round(o.freeze_last_layer * steps_per_epoch)))
+        freeze_last_layer_steps=int(round(o.freeze_last_layer * steps_per_epoch)),
+        teacher_temp_per_step=l.teacher_temp_per_step)
 
   def lr(self, step):
     return cosine(step, self.lr_peak, self.min_lr, self.total_steps, self.warmup_steps)
@@ -79,6 +91,11 @@ class Schedules:
     return cosine(step, self.momentum, 1.0, self.total_steps)
 
   def teacher_temp_at(self, step):
+    if self.teacher_temp_per_step:  # DINOv2: linear over the warmup steps, then constant
+      return cosine(step, self.teacher_temp, self.teacher_temp,
+                    self.warmup_teacher_temp_epochs * self.steps_per_epoch,
+                    self.warmup_teacher_temp_epochs * self.steps_per_epoch,
+                    self.warmup_teacher_temp)
     return teacher_temperature(step, self.steps_per_epoch, self.warmup_teacher_temp,
                                self.teacher_temp, self.warmup_teacher_temp_epochs)
 

@@ -16,6 +16,7 @@ class TrainState:
   teacher_params: Any  # EMA of the student; starts as an exact copy
   opt_state: Any
   center: jax.Array  # (1, out_dim) f32 running mean of teacher logits
+  patch_center: jax.Array  # (1, patch_out_dim) f32, the same for iBOT's masked patch logits
   rng: jax.Array  # base key; step keys are fold_in(rng, step)
 
 
@@ -25,7 +26,7 @@ def pure_params(module: nnx.Module) -> dict:
 
 
 def create(student: nnx.Module, tx: optax.GradientTransformation, out_dim: int,
-           rng: jax.Array) -> TrainState:
+           rng: jax.Array, patch_out_dim: int | None = None) -> TrainState:
   params = pure_params(student)
   return TrainState(
       step=jnp.zeros([], jnp.int32),
@@ -33,4 +34,5 @@ def create(student: nnx.Module, tx: optax.GradientTransformation, out_dim: int,
       teacher_params=jax.tree.map(jnp.copy, params),
       opt_state=tx.init(params),
       center=jnp.zeros((1, out_dim), jnp.float32),
+      patch_center=jnp.zeros((1, patch_out_dim or out_dim), jnp.float32),
       rng=rng)

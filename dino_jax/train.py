@@ -75,8 +75,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   sharding.global_batch_check(config.batch_size, mesh)
   train_source, test_source = data.load(config.data.source)
   data.check_source(train_source, config.batch_size, config.data.canvas_size)
-  schedules = Schedules.from_config(config, data.steps_per_epoch(len(train_source),
-                                                                 config.batch_size))
+  schedules = Schedules.from_config(
+      config, config.data.epoch_length or data.steps_per_epoch(len(train_source),
+                                                               config.batch_size))
   dtype = jnp.dtype(config.dtype)
   student_def, abstract_params = nnx.split(nnx.eval_shape(lambda: models.build(config)))
   teacher_def, _ = nnx.split(nnx.eval_shape(lambda: models.build(config, teacher=True)))
@@ -85,12 +86,12 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   def init_fn():
     student = models.build(config, seed=config.seed)
     return state_lib.create(student, tx, config.model.out_dim,
-                            jax.random.PRNGKey(config.seed + 1))
+                            jax.random.PRNGKey(config.seed + 1), models.patch_out_dim(config))
 
   state_shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_fn))
   step = train_step_lib.make(student_def, teacher_def, tx, schedules,
                              augment.AugmentConfig.from_config(config), dtype=dtype,
-                             center_momentum=config.loss.center_momentum)
+                             loss=train_step_lib.LossSpec.from_config(config))
   step_fn = train_step_lib.jit(step, state_shardings, sharding.batch_sharding(mesh),
                                sharding.replicated(mesh))
   feature_fn = features_lib.make_feature_fn(teacher_def, size=config.crops.global_size,
@@ -135,34 +136,74 @@ def _fmt_time(seconds: float) -> str:
   return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
+def data_state(run: Run, next_step: int) -> dict:
+  """What the input pipeline needs to continue: its order is a function of the step."""
+  return {'next_step': next_step, 'seed': run.config.seed, 'num_records': len(run.train_source),
+          'global_batch': run.config.batch_size}
+
+
+def _start_state(run: Run, workdir: str, mngr):
+  """Resume order: the workdir's own newest readable checkpoint, then config.init_from, then
+  a fresh state. Returns (state, manager)."""
+  config = run.config
+  abstract = checkpointing.abstract_with_shardings(jax.eval_shape(run.init_fn),
+                                                   run.state_shardings)
+  restored, mngr = checkpointing.restore_latest(workdir, mngr, abstract, config)
+  if restored is not None:
+    if restored.data.get('num_records') != len(run.train_source):
+      raise checkpointing.CheckpointMismatchError(
+          f'{workdir} was trained on {restored.data.get("num_records")} images of '
+          f'{config.data.source}, which now has {len(run.train_source)}: the data order cannot '
+          f'resume. Use a new --workdir.')
+    print(f'dino_jax: resumed from {mngr.directory}/{restored.step}', flush=True)
+    return restored.state, mngr
+  state = init_state(run)
+  if config.init_from:
+    params = {}
+    for which, key in (('student', 'params'), ('teacher', 'teacher_params')):
+      params[key], step = checkpointing.restore_params(
+          config.init_from, abstract_shardings(getattr(state, key)), which=which)
+    state = state.replace(**params)
+    print(f'dino_jax: initialised student and teacher from {config.init_from} (step {step})',
+          flush=True)
+  return state, mngr
+
+
+def abstract_shardings(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      tree)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
-  """Train DINO as `config` says, writing logs and checkpoints to `workdir`. Returns the state."""
+  """Train DINO as `config` says, writing logs and checkpoints to `workdir`. Returns the state.
+
+  SIGTERM (a preempted TPU VM) saves a checkpoint at the next step boundary and returns.
+  """
   run = build(config)
   os.makedirs(workdir, exist_ok=True)
   writer = MetricWriter(workdir)
-  mngr = checkpointing.manager(workdir)
-  abstract = checkpointing.abstract_with_shardings(jax.eval_shape(run.init_fn),
-                                                   run.state_shardings)
-  if checkpointing.latest_step(mngr) is not None:
-    state, _ = checkpointing.restore(mngr, abstract)
-    logging.info('resumed from %s at step %d', mngr.directory, int(state.step))
-  else:
-    state = init_state(run)
-  total = run.schedules.total_steps
-  start = int(state.step)
-  print(f'dino_jax: {config.model.arch}/{config.model.patch_size} on {config.data.source}: '
-        f'{len(run.train_source)} images, {run.schedules.steps_per_epoch} steps/epoch, '
-        f'{total} steps, mesh {dict(run.mesh.shape)}', flush=True)
-
-  def eval_and_log(step):
-    res = evaluate_knn(run, state)
-    if res is not None:
-      writer.write(step, res)
-      print(f'[{step}/{total}] k-NN (k={config.knn.k}) top-1 {res["knn_top1"]:.2f}% '
-            f'top-5 {res["knn_top5"]:.2f}%', flush=True)
-    return res
-
+  mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints,
+                               keep_every=config.keep_checkpoint_every)
+  preemption = checkpointing.PreemptionWatch()
   try:
+    state, mngr = _start_state(run, workdir, mngr)
+    total = run.schedules.total_steps
+    start = int(state.step)
+    print(f'dino_jax: {config.model.arch}/{config.model.patch_size} on {config.data.source}: '
+          f'{len(run.train_source)} images, {run.schedules.steps_per_epoch} steps/epoch, '
+          f'{total} steps, mesh {dict(run.mesh.shape)}', flush=True)
+
+    def eval_and_log(step):
+      res = evaluate_knn(run, state)
+      if res is not None:
+        writer.write(step, res)
+        print(f'[{step}/{total}] k-NN (k={config.knn.k}) top-1 {res["knn_top1"]:.2f}% '
+              f'top-5 {res["knn_top5"]:.2f}%', flush=True)
+      return res
+
+    def save(step):
+      checkpointing.save(mngr, step, state, config, data_state(run, step))
+
     if start == 0 and config.eval_every:
       eval_and_log(0)
     batches = data.train_iterator(
@@ -190,17 +231,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
               f'T_t {m["teacher_temp"]:.3f} m {m["momentum"]:.4f} H_t {m["teacher_entropy"]:.3f} '
               f'{m["img_per_s"]:.1f} img/s ETA {_fmt_time(eta)}', flush=True)
         t_last, last_logged = now, done
+      if done != total and preemption.reached(done):
+        _check_finite(done, jax.device_get(metrics))
+        save(done)
+        mngr.wait_until_finished()
+        print(f'dino_jax: preempted: saved step {done} to {mngr.directory}; rerun the same '
+              f'command to resume', flush=True)
+        return state
       if done % config.checkpoint_every == 0 and done != total:
         _check_finite(done, jax.device_get(metrics))
-        checkpointing.save(mngr, done, state, config)
+        save(done)
       if config.eval_every and done % config.eval_every == 0 and done != total:
         eval_and_log(done)
     if metrics is not None:
       _check_finite(total, jax.device_get(metrics))
     eval_and_log(total)
     if checkpointing.latest_step(mngr) != int(state.step):
-      checkpointing.save(mngr, int(state.step), state, config)
+      save(int(state.step))
   finally:  # a pending (good) save completes even when the run stops on an error
+    preemption.close()
     mngr.wait_until_finished()
     mngr.close()
     writer.close()

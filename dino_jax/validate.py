@@ -1,8 +1,11 @@
 """Config validation: every mistake stops the run before compiling, with one line naming the field."""
 from __future__ import annotations
 
+import os
+
 from dino_jax.data import sources
-from dino_jax.models import PATCH_SIZES, VARIANTS
+from dino_jax.schedules import LR_SCALING
+from dino_jax.models import FFNS, PATCH_SIZES, VARIANTS
 
 
 class ConfigError(ValueError):
@@ -41,6 +44,26 @@ def validate(config, n_devices: int | None = None) -> None:
     raise ConfigError(str(e)) from None
   _check(m.out_dim > 0, 'model.out_dim', f'must be positive, got {m.out_dim}')
   _check(0 <= m.drop_path_rate < 1, 'model.drop_path_rate', 'must be in [0, 1)')
+  _check(m.ffn in FFNS, 'model.ffn', f'{m.ffn!r} is not one of {FFNS}')
+  _check(m.n_registers >= 0, 'model.n_registers', f'must be >= 0, got {m.n_registers}')
+  _check(m.layerscale >= 0, 'model.layerscale', f'must be >= 0 (0: off), got {m.layerscale}')
+  _check(m.interpolate_offset >= 0, 'model.interpolate_offset', 'must be >= 0')
+  _check(l.centering in ('centering', 'sinkhorn_knopp'), 'loss.centering',
+         f"{l.centering!r} is not 'centering' or 'sinkhorn_knopp'")
+  _check(l.ibot_weight >= 0 and l.koleo_weight >= 0, 'loss.ibot_weight',
+         'loss weights must be >= 0')
+  _check(l.ibot_weight == 0 or m.mask_token, 'loss.ibot_weight',
+         'the iBOT loss masks patches: set model.mask_token=True')
+  _check(0 < l.mask_probability <= 1, 'loss.mask_probability', 'must be in (0, 1]')
+  _check(0 <= l.mask_ratio[0] <= l.mask_ratio[1] <= 1, 'loss.mask_ratio',
+         f'{l.mask_ratio} is not a range within [0, 1]')
+  _check(o.lr_scaling in LR_SCALING, 'optim.lr_scaling',
+         f'{o.lr_scaling!r} is not one of {sorted(LR_SCALING)}')
+  _check(o.clip_mode in ('per_param', 'per_module'), 'optim.clip_mode',
+         f"{o.clip_mode!r} is not 'per_param' or 'per_module'")
+  _check(0 < o.layer_decay <= 1, 'optim.layer_decay', 'must be in (0, 1]')
+  _check(o.patch_embed_lr_mult > 0, 'optim.patch_embed_lr_mult', 'must be positive')
+  _check(config.data.epoch_length >= 0, 'data.epoch_length', 'must be >= 0 (0: one pass)')
   _check(config.batch_size > 0, 'batch_size', f'must be positive, got {config.batch_size}')
   if n_devices is not None:
     _check(config.batch_size % n_devices == 0, 'batch_size',
@@ -59,4 +82,10 @@ def validate(config, n_devices: int | None = None) -> None:
   _check(config.eval_every >= 0, 'eval_every', f'must be >= 0, got {config.eval_every}')
   _check(config.checkpoint_every > 0, 'checkpoint_every',
          f'must be positive, got {config.checkpoint_every}')
+  _check(config.keep_checkpoints > 0, 'keep_checkpoints',
+         f'must be positive, got {config.keep_checkpoints}')
+  _check(config.keep_checkpoint_every >= 0, 'keep_checkpoint_every',
+         f'must be >= 0, got {config.keep_checkpoint_every}')
+  _check(not config.init_from or os.path.isdir(config.init_from), 'init_from',
+         f'{config.init_from!r} is not a directory (a workdir or WORKDIR/checkpoints/<step>)')
   _check(config.knn.k > 0, 'knn.k', f'must be positive, got {config.knn.k}')

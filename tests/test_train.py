@@ -51,10 +51,11 @@ def test_train_logs_evaluates_and_checkpoints(tmp_path, digits_npz, capsys):
   assert checkpointing.latest_step(mngr) == 8
   abstract = checkpointing.abstract_with_shardings(jax.eval_shape(run.init_fn),
                                                    run.state_shardings)
-  restored, saved_config = checkpointing.restore(mngr, abstract)
-  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+  restored = checkpointing.restore(mngr, abstract)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored.state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert saved_config['model']['arch'] == config.model.arch
+  assert restored.config['model']['arch'] == config.model.arch
+  assert restored.data == {'next_step': 8, 'seed': 0, 'num_records': 64, 'global_batch': 16}
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits_npz):
@@ -70,8 +71,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits_n
   run = train.build(config)
   abstract = checkpointing.abstract_with_shardings(jax.eval_shape(run.init_fn),
                                                    run.state_shardings)
-  restored, _ = checkpointing.restore(mngr, abstract)
-  assert int(restored.step) == max(steps)
+  restored = checkpointing.restore(mngr, abstract)
+  assert int(restored.state.step) == max(steps)
 
 
 @pytest.mark.parametrize('field,value,message', [

@@ -1,0 +1,130 @@
+"""Trained models for users: load, extract features and attention, export to one file.
+
+    model, config = dino_jax.load_model('/path/to/workdir')          # teacher ViT, newest step
+    images = inference.preprocess([np.asarray(PIL.Image.open(p)) for p in paths], size=224)
+    out = model(images, return_attention=True)   # ViTOutput: cls, patches, attention
+
+CLI: python -m dino_jax.inference export --path=WORKDIR --out=teacher.msgpack [--which=student]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx, serialization
+
+from dino_jax import augment, checkpointing, models
+from dino_jax.data.pipeline import to_canvas
+from dino_jax.data.sources import as_rgb
+
+EXPORT_FORMAT = 'dino_jax.backbone.v1'
+
+
+def _network(config: ml_collections.ConfigDict, dtype) -> tuple[nnx.GraphDef, dict]:
+  """Graphdef and abstract params (ShapeDtypeStructs) of the teacher network of `config`."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(
+      lambda: models.build(config, teacher=True, dtype=dtype)))
+  return graphdef, abstract.to_pure_dict()
+
+
+def load_model(path: str, which: str = 'teacher', step: int | None = None, *,
+               with_head: bool = False, dtype=None):
+  """A ready NNX model and its config from a workdir, a WORKDIR/checkpoints/<step> directory
+  or a file written by `export`.
+
+  Returns (ViT backbone, config); with_head=True returns the whole DINO network (backbone +
+  projection head) instead. Weights land on the default device (CPU or accelerator).
+  dtype: compute dtype (default: the run's config.dtype).
+  """
+  if os.path.isfile(path):
+    if with_head:
+      raise ValueError(f'{path} is an exported backbone: it has no head')
+    return _load_exported(path, dtype)
+  saved, step = checkpointing.read_config(path, step)
+  config = ml_collections.ConfigDict(saved)
+  graphdef, abstract = _network(config, dtype or config.dtype)
+  params, _ = checkpointing.restore_params(path, abstract, which=which, step=step)
+  network = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+  return (network if with_head else network.backbone), config
+
+
+def export(path: str, out: str, which: str = 'teacher', step: int | None = None) -> str:
+  """Write the backbone of a checkpoint's teacher (or student) and its config to one msgpack
+  file that `load_model(out)` reads back. Returns `out`."""
+  saved, step = checkpointing.read_config(path, step)
+  config = ml_collections.ConfigDict(saved)
+  _, abstract = _network(config, config.dtype)
+  params, _ = checkpointing.restore_params(path, abstract, which=which, step=step)
+  blob = serialization.msgpack_serialize({
+      'format': EXPORT_FORMAT, 'which': which, 'step': step, 'config': json.dumps(saved),
+      'params': jax.tree.map(np.asarray, params['backbone'])})
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  tmp = out + '.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(blob)
+  os.replace(tmp, out)
+  return out
+
+
+def _load_exported(path: str, dtype):
+  with open(path, 'rb') as f:
+    try:
+      blob = serialization.msgpack_restore(f.read())
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f'{path} is not a dino_jax export file ({type(e).__name__})') from None
+  if not isinstance(blob, dict) or blob.get('format') != EXPORT_FORMAT:
+    raise ValueError(f'{path} is not a dino_jax export file (format {EXPORT_FORMAT})')
+  config = ml_collections.ConfigDict(json.loads(blob['config']))
+  graphdef, abstract = _network(config, dtype or config.dtype)
+  ref = abstract['backbone']
+  params = blob['params']
+  got, want = jax.tree.structure(params), jax.tree.structure(ref)
+  if got != want:
+    raise ValueError(f'{path}: parameter tree does not match the model of its config')
+  for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(ref)):
+    if a.shape != b.shape:
+      raise ValueError(f'{path}: {jax.tree_util.keystr(p)} has shape {a.shape}, the model '
+                       f'expects {b.shape}')
+  backbone_def = nnx.graphdef(nnx.eval_shape(
+      lambda: models.build(config, teacher=True, dtype=dtype or config.dtype)).backbone)
+  del graphdef
+  return nnx.merge(backbone_def, jax.tree.map(jnp.asarray, params)), config
+
+
+def preprocess(images, size: int = 224, crop_fraction: float = 0.875,
+               dtype=jnp.float32) -> jax.Array:
+  """uint8 RGB (or grayscale) images of any sizes -> (B, size, size, 3) normalised arrays: the
+  evaluation view (shorter side resized to size / crop_fraction, centre crop), bicubic."""
+  canvas_size = max(max(np.shape(im)[:2]) for im in images)
+  canvases, hws = zip(*(to_canvas(as_rgb(np.asarray(im)), canvas_size) for im in images))
+  return augment.center_view(jnp.asarray(np.stack(canvases)), jnp.asarray(np.stack(hws)),
+                             size, crop_fraction, dtype)
+
+
+def cls_attention(output) -> jax.Array:
+  """(B, heads, h*w) last-block attention of the CLS token to each patch (registers dropped)
+  from a ViTOutput computed with return_attention=True."""
+  n_patches = output.patches.shape[1]
+  return output.attention[:, :, 0, -n_patches:]
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog='python -m dino_jax.inference')
+  sub = parser.add_subparsers(dest='command', required=True)
+  ex = sub.add_parser('export', help='write a checkpoint backbone to one msgpack file')
+  ex.add_argument('--path', required=True, help='workdir or WORKDIR/checkpoints/<step>')
+  ex.add_argument('--out', required=True)
+  ex.add_argument('--which', default='teacher', choices=('teacher', 'student'))
+  ex.add_argument('--step', type=int, default=None)
+  args = parser.parse_args(argv)
+  out = export(args.path, args.out, which=args.which, step=args.step)
+  print(f'wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB)')
+
+
+if __name__ == '__main__':
+  main()
