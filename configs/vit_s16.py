@@ -21,7 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.dtype = 'bfloat16'  # compute dtype; params, loss, center and EMA stay float32
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'tfds:imagenet2012'  # 'digits' | 'npz:PATH' | 'tfds:NAME'
+  # digits | npz:PATH | tfds:NAME[:SPLIT] | folder:PATH | arrayrecord:DIR (README)
+  c.data.source = 'tfds:imagenet2012'
   c.data.canvas_size = 256  # host resizes each image (aspect kept) into an S x S uint8 canvas
   c.data.worker_count = 8  # grain worker processes per host (0 = in the main process)
   c.data.prefetch = 2  # batches prepared ahead of the step

@@ -6,6 +6,13 @@
       a PIL pipeline with the same ops run in this process on one core.
   python -m dino_jax.bench step --config=configs/cpu.py [--steps 10]
       compile time, step time, images/s and FLOPs (XLA cost analysis) of the train step.
+  python -m dino_jax.bench data [--config configs/cpu.py] [--canvas 256] [--steps 40]
+      [--data-dir ../shared/data]
+      host JPEG decode + canvas resize images/s in one process (= per grain worker), on
+      ../shared/data images written out as JPEG files (CIFAR at the config's canvas,
+      Imagenette and DAVIS's 854x480 JPEG frames at --canvas);
+      then the fraction of the train loop's wall time spent waiting for the next batch in
+      the config's recipe, reading those JPEG files (folder:) and the npz arrays.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import argparse
 import math
 import os
 import random
+import shutil
 import time
 
 import jax
@@ -161,6 +169,101 @@ def bench_step(args) -> None:
         f'{flops / step_s / 1e12:.3f} TFLOP/s achieved')
 
 
+SHARED = os.path.normpath(os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data'))
+
+
+def _write_jpegs(npz: str, key: str, root: str, n: int) -> str:
+  """The first n images of npz[key] as JPEG files (quality 90) in class folders under root."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  with np.load(npz) as f:
+    images, labels = f[key][:n], f['y' + key[1:]][:n]
+  for i, (im, y) in enumerate(zip(images, labels)):
+    os.makedirs(os.path.join(root, f'c{y}'), exist_ok=True)
+    Image.fromarray(im).save(os.path.join(root, f'c{y}', f'{i:05d}.jpg'), quality=90)
+  return root
+
+
+def _decode_rate(source, canvas: int, repeat: int = 2) -> tuple[float, float]:
+  """(images/s, mean file KB) of read + decode + canvas in this process (files cached)."""
+  from dino_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  kb = np.mean([os.path.getsize(source[i]['path']) for i in range(len(source))]) / 1024
+  for i in range(len(source)):  # warm the page cache
+    pipeline._read(source[i]['path'])  # pylint: disable=protected-access
+  t0 = time.perf_counter()
+  for _ in range(repeat):
+    for i in range(len(source)):
+      out, why = pipeline.try_canvas(lambda i=i: source[i], canvas)
+      assert out is not None, why
+  return repeat * len(source) / (time.perf_counter() - t0), kb
+
+
+def _wait_fraction(config, steps: int) -> tuple[float, float]:
+  """(fraction of loop wall time inside next(batches), ms per step) over `steps` steps of the
+  train loop's own sequence: next batch -> global arrays -> dispatch the jitted step."""
+  from dino_jax import data, sharding, train  # pylint: disable=import-outside-toplevel
+  run = train.build(config)
+  state = train.init_state(run)
+  batches = data.train_iterator(
+      run.train_source, canvas_size=config.data.canvas_size, global_batch=config.batch_size,
+      seed=0, worker_count=config.data.worker_count, prefetch=config.data.prefetch)
+  for _ in range(3):  # compile, fill the prefetch buffer
+    state, m = run.step_fn(state, sharding.to_global(next(batches), run.mesh))
+  jax.block_until_ready(m)
+  wait = 0.0
+  t_start = time.perf_counter()
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    batch = next(batches)
+    wait += time.perf_counter() - t0
+    state, m = run.step_fn(state, sharding.to_global(batch, run.mesh))
+  jax.block_until_ready(m)
+  total = time.perf_counter() - t_start
+  batches.close()
+  return wait / total, 1e3 * total / steps
+
+
+def bench_data(args) -> None:
+  import glob  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from dino_jax import config_file, data  # pylint: disable=import-outside-toplevel
+  from dino_jax.data import folder  # pylint: disable=import-outside-toplevel
+  tmp = tempfile.mkdtemp(prefix='dino_bench_data_')
+  sets = {}
+  shared = args.data_dir
+  for name, key, n in (('imagenette_96_subset', 'x_train', 1000),
+                       ('cifar10_subset', 'x_train', 10000)):
+    npz = os.path.join(shared, f'{name}.npz')
+    if os.path.exists(npz):
+      sets[name] = _write_jpegs(npz, key, os.path.join(tmp, name), n)
+  davis = os.path.join(shared, 'davis2016_subset', 'JPEGImages', '480p')
+  if glob.glob(os.path.join(davis, '*', '*.jpg')):
+    sets['davis2016 480p frames'] = davis
+  if not sets:
+    raise SystemExit(f'bench data needs the shared data folder ({shared}): see --data-dir')
+  print(f'data: host decode + canvas, one process (= one grain worker), {os.cpu_count()} '
+        f'cores visible')
+  config = config_file.load(args.config)
+  config_file.override(config, dict(_parse_override(config, o) for o in args.set))
+  for name, root in sets.items():
+    src = folder.FolderSource(root)
+    canvas = config.data.canvas_size if name == 'cifar10_subset' else args.canvas
+    ips, kb = _decode_rate(src, canvas)
+    h, w = np.asarray(data.pipeline.record_image(src[0], 10 ** 6)).shape[:2]
+    print(f'  {name}: {len(src)} JPEGs of {w}x{h} ({kb:.1f} KB) -> {canvas}px canvas: '
+          f'{ips:8.1f} images/s per worker')
+  cifar = os.path.join(shared, 'cifar10_subset.npz')
+  sources = ([f'folder:{sets["cifar10_subset"]}', f'npz:{cifar}'] if 'cifar10_subset' in sets
+             else [config.data.source])
+  print(f'data: share of the train loop spent waiting for data, {args.config} '
+        f'(batch {config.batch_size}, canvas {config.data.canvas_size}, '
+        f'{config.data.worker_count} workers, prefetch {config.data.prefetch})')
+  for source in sources:
+    config.data.source = source
+    frac, ms = _wait_fraction(config, args.steps)
+    print(f'  {source}: {100 * frac:5.1f}% of {ms:.0f} ms/step waiting for the next batch')
+  shutil.rmtree(tmp)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,8 +281,15 @@ def main() -> None:
   s.add_argument('--steps', type=int, default=5)
   s.add_argument('--set', nargs='*', default=[], metavar='FIELD=VALUE',
                  help='config overrides, e.g. batch_size=16 data.source=digits')
+  d = sub.add_parser('data')
+  d.add_argument('--config', default='configs/cpu.py', help='the recipe for the wait share')
+  d.add_argument('--canvas', type=int, default=256, help='canvas size for the decode rate')
+  d.add_argument('--steps', type=int, default=40)
+  d.add_argument('--data-dir', default=SHARED, help='the shared data folder')
+  d.add_argument('--set', nargs='*', default=[], metavar='FIELD=VALUE',
+                 help='config overrides, e.g. data.worker_count=2')
   args = parser.parse_args()
-  {'augment': bench_augment, 'step': bench_step}[args.what](args)
+  {'augment': bench_augment, 'step': bench_step, 'data': bench_data}[args.what](args)
 
 
 if __name__ == '__main__':

@@ -6,7 +6,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from dino_jax import checkpointing, train
+from dino_jax import checkpointing, data, train
 from dino_jax.validate import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
@@ -19,7 +19,7 @@ def main(argv):
   del argv
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, train.NonFiniteLossError,
+  except (ConfigError, data.DataError, train.NonFiniteLossError,
           checkpointing.CheckpointMismatchError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

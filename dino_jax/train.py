@@ -74,7 +74,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   validate(config, n_devices=mesh.devices.size)
   sharding.global_batch_check(config.batch_size, mesh)
   train_source, test_source = data.load(config.data.source)
-  data.pipeline.check_size(len(train_source), config.batch_size)
+  data.check_source(train_source, config.batch_size, config.data.canvas_size)
   schedules = Schedules.from_config(
       config, config.data.epoch_length or data.steps_per_epoch(len(train_source),
                                                                config.batch_size))
@@ -224,6 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         now = time.time()
         m['img_per_s'] = (done - last_logged) * config.batch_size / max(now - t_last, 1e-9)
         m['epoch'] = done / run.schedules.steps_per_epoch
+        m['data_skipped'] = batches.take_skipped()  # unreadable images since the last log
         writer.write(done, m)
         eta = (now - t_start) / (done - start) * (total - done)
         print(f'[{done}/{total}] loss {m["loss"]:.4f} lr {m["lr"]:.2e} '

@@ -2,10 +2,14 @@
 
   digits            scikit-learn's 8x8 handwritten digits (ships with the package: offline)
   npz:PATH          arrays x_train, y_train [, x_test, y_test] (uint8 HWC or HW images)
-  tfds:NAME         a TFDS dataset through tfds.data_source (ArrayRecord; no TensorFlow)
+  tfds:NAME[:SPLIT] a TFDS dataset through tfds.data_source (ArrayRecord; no TensorFlow)
+  folder:PATH       image files, class subfolders giving labels (folder.py)
+  arrayrecord:DIR   a folder converted by `python -m dino_jax.data.prepare` (records.py)
 
-Every source yields {'image': uint8 (H, W, 3), 'label': int} records; `label` is -1 when the
-data has none.
+A record holds 'label' (an int, -1 when the data has none) and the image as one of: 'image'
+(a decoded uint8 array), 'encoded' (file bytes) or 'path' (a file to read); 'path' also names
+where a record came from, and 'error' says why a source could not read it. The grain map step
+(pipeline.py) turns every kind into a canvas, or skips it.
 """
 from __future__ import annotations
 
@@ -14,6 +18,10 @@ import os
 from typing import Protocol
 
 import numpy as np
+
+
+class DataError(ValueError):
+  """The data cannot train: an empty or unreadable dataset, or one smaller than a batch."""
 
 
 class Source(Protocol):
@@ -75,8 +83,12 @@ class TFDSSource:
     return len(self.ds)
 
   def __getitem__(self, index: int) -> dict:
-    record = self.ds[index]
-    return {'image': as_rgb(record['image']),
+    where = f'tfds:{self.name}/{self.split}[{index}]'
+    try:
+      record = self.ds[index]
+    except Exception as e:  # pylint: disable=broad-except  # a corrupt record is skipped
+      return {'path': where, 'label': -1, 'error': f'{type(e).__name__}: {e}'}
+    return {'image': record['image'], 'path': where,
             'label': int(record['label']) if self.has_labels else -1}
 
 
@@ -117,25 +129,29 @@ def _tfds(name: str) -> tuple[TFDSSource, TFDSSource | None]:
   return train, None
 
 
-KINDS = ('digits', 'npz', 'tfds')
+def _folder(path: str):
+  from dino_jax.data import folder  # pylint: disable=import-outside-toplevel
+  return folder.load(path)
+
+
+def _arrayrecord(path: str):
+  from dino_jax.data import records  # pylint: disable=import-outside-toplevel
+  return records.load(path)
+
+
+LOADERS = {'npz': _npz, 'tfds': _tfds, 'folder': _folder, 'arrayrecord': _arrayrecord}
+EXPECTED = 'expected one of digits, npz:PATH, tfds:NAME[:SPLIT], folder:PATH, arrayrecord:DIR'
 
 
 def load(source: str) -> tuple[Source, Source | None]:
   """(train, test-or-None) for a config.data.source string."""
+  check_kind(source)
   kind, _, arg = source.partition(':')
-  if kind == 'digits' and not arg:
-    return _digits()
-  if kind == 'npz' and arg:
-    return _npz(arg)
-  if kind == 'tfds' and arg:
-    return _tfds(arg)
-  raise ValueError(f'config.data.source={source!r}: expected one of digits, npz:PATH, '
-                   f'tfds:NAME[:SPLIT]')
+  return _digits() if kind == 'digits' else LOADERS[kind](arg)
 
 
 def check_kind(source: str) -> None:
   """Cheap syntax check of a source string (no I/O), for config validation."""
   kind, _, arg = source.partition(':')
-  if kind not in KINDS or (kind != 'digits') != bool(arg):
-    raise ValueError(f'config.data.source={source!r}: expected one of digits, npz:PATH, '
-                     f'tfds:NAME[:SPLIT]')
+  if not (kind == 'digits' and not arg or kind in LOADERS and arg):
+    raise ValueError(f'config.data.source={source!r}: {EXPECTED}')

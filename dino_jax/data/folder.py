@@ -1,0 +1,106 @@
+"""folder:PATH: a directory of image files, listed once and read lazily (decoding happens in
+the grain map step, on the host's workers).
+
+Labels: when PATH holds only subdirectories (no image files of its own), each subdirectory is
+a class (sorted names -> 0, 1, ...; images found recursively inside it), as torchvision's
+ImageFolder does. Otherwise every image under PATH, recursively, is used without labels.
+Splits: when PATH has a `train/` subdirectory, it is the training set and `val/`,
+`validation/` or `test/` (the first present) the k-NN test set, labelled with the training
+classes. Names starting with '.' are ignored (e.g. macOS `._x.jpg` resource forks); so is any
+file whose extension no PIL plugin reads.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from dino_jax.data.sources import DataError
+
+TEST_SPLITS = ('val', 'validation', 'test')
+
+
+def image_extensions() -> frozenset[str]:
+  """Lower-case extensions of every format PIL can decode here (identify-only stubs left out)."""
+  Image.init()
+  def decodable(fmt):
+    factory = Image.OPEN.get(fmt, (None,))[0]
+    return factory is not None and not (isinstance(factory, type) and
+                                        issubclass(factory, ImageFile.StubImageFile))
+  return frozenset(ext for ext, fmt in Image.registered_extensions().items() if decodable(fmt))
+
+
+def _visible(name: str) -> bool:
+  return not name.startswith('.')
+
+
+def list_images(root: str) -> list[str]:
+  """Paths of the image files under `root` (recursive), relative to it, in sorted order."""
+  exts = image_extensions()
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    dirnames[:] = sorted(d for d in dirnames if _visible(d))
+    rel = os.path.relpath(dirpath, root)
+    for f in sorted(filenames):
+      if _visible(f) and os.path.splitext(f)[1].lower() in exts:
+        found.append(f if rel == '.' else os.path.join(rel, f))
+  return found
+
+
+class FolderSource:
+  """Image files of a directory: {'path': absolute path, 'label': class index or -1}."""
+
+  def __init__(self, root: str, class_names: list[str] | None = None):
+    if not os.path.isdir(root):
+      raise DataError(f'config.data.source=folder:{root}: no such directory')
+    self.root = os.path.abspath(root)
+    files = list_images(self.root)
+    if not files:
+      raise DataError(f'config.data.source=folder:{root}: no image files under {root} '
+                      f'(looked for the extensions PIL reads: .jpg, .png, .webp, ...)')
+    top_level_images = any(os.sep not in f for f in files)
+    if class_names is None and not top_level_images:
+      class_names = sorted({f.split(os.sep, 1)[0] for f in files})
+    self.class_names = class_names
+    if class_names is None:
+      labels = np.full(len(files), -1, np.int32)
+    else:
+      index = {c: i for i, c in enumerate(class_names)}
+      unknown = sorted({f.split(os.sep, 1)[0] for f in files} - set(index))
+      if unknown or top_level_images:
+        raise DataError(f'config.data.source: {root} has images outside the training classes '
+                        f'({", ".join(unknown[:3]) or "files at the top level"})')
+      labels = np.array([index[f.split(os.sep, 1)[0]] for f in files], np.int32)
+    self.labels = labels
+    # one bytes blob + offsets: compact to pickle into worker processes (ImageNet: ~50 MB)
+    encoded = [f.encode('utf-8') for f in files]
+    self._offsets = np.cumsum([0] + [len(e) for e in encoded]).astype(np.int64)
+    self._blob = b''.join(encoded)
+
+  @property
+  def has_labels(self) -> bool:
+    return self.class_names is not None
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def relpath(self, index: int) -> str:
+    return self._blob[self._offsets[index]:self._offsets[index + 1]].decode('utf-8')
+
+  def __getitem__(self, index: int) -> dict:
+    return {'path': os.path.join(self.root, self.relpath(index)),
+            'label': int(self.labels[index])}
+
+
+def load(path: str) -> tuple[FolderSource, FolderSource | None]:
+  """(train, test-or-None): PATH/train + PATH/val when PATH has a train/ folder, else PATH."""
+  train_dir = os.path.join(path, 'train')
+  if not os.path.isdir(train_dir):
+    return FolderSource(path), None
+  train = FolderSource(train_dir)
+  for name in TEST_SPLITS:
+    test_dir = os.path.join(path, name)
+    if os.path.isdir(test_dir):
+      return train, FolderSource(test_dir, class_names=train.class_names)
+  return train, None
