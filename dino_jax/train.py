@@ -136,15 +136,15 @@ def _fmt_time(seconds: float) -> str:
   return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
-def data_state(run: Run, next_step: int) -> dict:
-  """What the input pipeline needs to continue: its order is a function of the step."""
-  return {'next_step': next_step, 'seed': run.config.seed, 'num_records': len(run.train_source),
-          'global_batch': run.config.batch_size}
+def data_state(run: Run, batches) -> dict:
+  """The input iterator's state plus what it was built from (checked when resuming)."""
+  return {**batches.get_state(), 'seed': run.config.seed,
+          'num_records': len(run.train_source), 'global_batch': run.config.batch_size}
 
 
 def _start_state(run: Run, workdir: str, mngr):
   """Resume order: the workdir's own newest readable checkpoint, then config.init_from, then
-  a fresh state. Returns (state, manager)."""
+  a fresh state. Returns (state, the saved data-iterator state or None, manager)."""
   config = run.config
   abstract = checkpointing.abstract_with_shardings(jax.eval_shape(run.init_fn),
                                                    run.state_shardings)
@@ -156,7 +156,7 @@ def _start_state(run: Run, workdir: str, mngr):
           f'{config.data.source}, which now has {len(run.train_source)}: the data order cannot '
           f'resume. Use a new --workdir.')
     print(f'dino_jax: resumed from {mngr.directory}/{restored.step}', flush=True)
-    return restored.state, mngr
+    return restored.state, restored.data, mngr
   state = init_state(run)
   if config.init_from:
     params = {}
@@ -166,7 +166,7 @@ def _start_state(run: Run, workdir: str, mngr):
     state = state.replace(**params)
     print(f'dino_jax: initialised student and teacher from {config.init_from} (step {step})',
           flush=True)
-  return state, mngr
+  return state, None, mngr
 
 
 def abstract_shardings(tree):
@@ -186,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                                keep_every=config.keep_checkpoint_every)
   preemption = checkpointing.PreemptionWatch()
   try:
-    state, mngr = _start_state(run, workdir, mngr)
+    state, saved_data, mngr = _start_state(run, workdir, mngr)
     total = run.schedules.total_steps
     start = int(state.step)
     print(f'dino_jax: {config.model.arch}/{config.model.patch_size} on {config.data.source}: '
@@ -202,13 +202,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       return res
 
     def save(step):
-      checkpointing.save(mngr, step, state, config, data_state(run, step))
+      checkpointing.save(mngr, step, state, config, data_state(run, batches))
 
     if start == 0 and config.eval_every:
       eval_and_log(0)
     batches = data.train_iterator(
         run.train_source, canvas_size=config.data.canvas_size, global_batch=config.batch_size,
-        seed=config.seed, start_step=start, worker_count=config.data.worker_count,
+        seed=config.seed, start_step=saved_data['next_step'] if saved_data else start,
+        worker_count=config.data.worker_count,
         prefetch=config.data.prefetch, process_index=jax.process_index(),
         process_count=jax.process_count())
     t_start = t_last = time.time()

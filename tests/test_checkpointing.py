@@ -204,7 +204,8 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path, trained)
   config = tiny_config(**{**_overrides(config), 'init_from': src})
   run = train.build(config)
   mngr = checkpointing.manager(str(tmp_path))
-  start, mngr = train._start_state(run, str(tmp_path), mngr)  # pylint: disable=protected-access
+  start, saved_data, mngr = train._start_state(run, str(tmp_path), mngr)  # pylint: disable=protected-access
+  assert saved_data is None
   mngr.close()
   assert int(start.step) == 0
   assert_same_state(state.params, start.params)
