@@ -141,3 +141,8 @@ def test_davis_layout_errors(tmp_path):
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'JPEGImages/480p/s/00000.jpg')
   with pytest.raises(FileNotFoundError, match='the first frame has no annotation'):
     video.list_sequence(str(tmp_path), 's')
+
+
+def test_frame_size_too_small_is_a_clear_error():
+  with pytest.raises(ValueError, match='raise the short side'):
+    video.frame_size(32, 48, short=32)

@@ -83,9 +83,11 @@ def list_sequences(root: str, resolution: str = '480p') -> list[str]:
 def frame_size(h: int, w: int, short: int = 480, multiple: int = 64) -> tuple[int, int]:
   """(height, width): short side -> `short`, long side scaled alike and floored to a multiple
   of `multiple` (the official frame size)."""
-  if h > w:
-    return int(h * short / w // multiple * multiple), short
-  return short, int(w * short / h // multiple * multiple)
+  long_side = int(max(h, w) * short / min(h, w) // multiple * multiple)
+  if long_side < multiple:
+    raise ValueError(f'a {h}x{w} frame at short side {short} has no long side that is a '
+                     f'multiple of {multiple}: raise the short side')
+  return (long_side, short) if h > w else (short, long_side)
 
 
 def load_frame(path: str, size: tuple[int, int]) -> np.ndarray:
