@@ -110,6 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoint_every = 0  # ... plus every step divisible by this (0: none)
   c.init_from = ''  # workdir or WORKDIR/checkpoints/<step> whose weights start a new run
   c.eval_every = 12510  # steps between k-NN evals (0: only at the start and the end)
+  c.attention_images = 4  # teacher attention maps of this many test images to TensorBoard (0: none)
   c.knn = ml_collections.ConfigDict()
   c.knn.k = 20
   c.knn.temperature = 0.07

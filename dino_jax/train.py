@@ -16,6 +16,7 @@ from flax import nnx
 
 from dino_jax import augment, checkpointing, data, models, optim, sharding, state as state_lib
 from dino_jax import train_step as train_step_lib
+from dino_jax.evaluators import attention as attention_lib
 from dino_jax.evaluators import features as features_lib
 from dino_jax.evaluators import knn
 from dino_jax.schedules import Schedules
@@ -193,7 +194,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           f'{len(run.train_source)} images, {run.schedules.steps_per_epoch} steps/epoch, '
           f'{total} steps, mesh {dict(run.mesh.shape)}', flush=True)
 
+    log_attention = attention_lib.tensorboard_logger(run, writer)
+
     def eval_and_log(step):
+      if log_attention is not None:
+        log_attention(state.teacher_params, step)
       res = evaluate_knn(run, state)
       if res is not None:
         writer.write(step, res)

@@ -56,3 +56,49 @@ def test_matches_brute_force_for_any_test_size(n_test, chunk):
 def test_empty_inputs_raise():
   with pytest.raises(ValueError, match='at least one'):
     knn.knn_classify(np.zeros((0, 4)), np.zeros(0), np.zeros((3, 4)), np.zeros(3))
+
+
+def test_several_k_in_one_pass_match_brute_force_each():
+  rng = np.random.default_rng(5)
+  xtr = knn.l2_normalize(rng.normal(size=(403, 10)))  # not a multiple of the 8 devices
+  ytr = rng.integers(0, 7, 403)
+  xte = knn.l2_normalize(rng.normal(size=(61, 10)))
+  yte = rng.integers(0, 7, 61)
+  res = knn.knn_classify_ks(xtr, ytr, xte, yte, ks=(1, 10, 20, 100, 200), chunk=16,
+                            num_classes=7)
+  for k in (1, 10, 20, 100, 200):
+    want = 100.0 * np.mean(brute_force(xtr, ytr, xte, k, 0.07, 7) == yte)
+    assert res[k]['top1'] == pytest.approx(want), k
+
+
+def test_sharded_bank_equals_single_device_scores():
+  import jax  # pylint: disable=import-outside-toplevel
+  from dino_jax import sharding  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(6)
+  xtr = knn.l2_normalize(rng.normal(size=(101, 6))).astype(np.float32)
+  ytr = rng.integers(0, 4, 101).astype(np.int32)
+  xte = knn.l2_normalize(rng.normal(size=(9, 6))).astype(np.float32)
+  mesh = sharding.make_mesh()
+  assert mesh.devices.size == 8
+  bank, labels = knn.shard_bank(xtr, ytr, mesh)
+  assert len(bank.sharding.device_set) == 8 and bank.shape[0] == 104
+  sharded = knn.knn_scores(xte, bank, labels, ks=(10, 20), temperature=0.07, num_classes=4,
+                           mesh=mesh)
+  single = knn.knn_scores(xte, jax.numpy.asarray(xtr), jax.numpy.asarray(ytr), ks=(10, 20),
+                          temperature=0.07, num_classes=4)
+  np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5)
+
+
+def test_k_larger_than_the_train_set_uses_every_train_image():
+  rng = np.random.default_rng(7)
+  xtr = knn.l2_normalize(rng.normal(size=(12, 5)))
+  ytr = rng.integers(0, 3, 12)
+  xte = knn.l2_normalize(rng.normal(size=(5, 5)))
+  yte = rng.integers(0, 3, 5)
+  res = knn.knn_classify_ks(xtr, ytr, xte, yte, ks=(12, 200), num_classes=3)
+  assert res[200] == res[12]
+
+
+def test_bad_k_is_a_clear_error():
+  with pytest.raises(ValueError, match='every k must be >= 1'):
+    knn.knn_classify_ks(np.ones((3, 2)), np.zeros(3), np.ones((2, 2)), np.zeros(2), ks=(0, 20))

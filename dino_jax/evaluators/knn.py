@@ -2,8 +2,15 @@
 
 Features: teacher CLS after the final norm, L2-normalised. For each test image the k most
 cosine-similar train images vote for their class with weight exp(sim / T) (T = 0.07); the
-prediction is the class with the largest total. Works for any test-set size (the test set is
-processed in fixed-size chunks, the last one padded).
+prediction is the class with the largest total. Several k share one similarity computation
+(the official {10, 20, 100, 200}): the top max(k) neighbours are found once and each k reads a
+prefix of them.
+
+Sharding: the train-feature bank is split over every device of the mesh. Each device scores
+a test chunk against its slice and keeps its own top max(k); the per-device candidates are
+gathered and merged (n_devices * max(k) values per test image, not the whole bank). Any
+test-set size works (fixed-size test chunks, the last one padded; the official loop crashes
+below 100 test images).
 """
 from __future__ import annotations
 
@@ -12,47 +19,105 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dino_jax import sharding
+
+OFFICIAL_KS = (10, 20, 100, 200)
 
 
-@functools.partial(jax.jit, static_argnames=('k', 'num_classes'))
-def knn_scores(test_feats, train_feats, train_labels, *, k: int, temperature: float,
-               num_classes: int):
-  """(n_test, num_classes) vote totals. Features must be L2-normalised."""
-  sims = jnp.einsum('td,nd->tn', test_feats.astype(jnp.float32),
-                    train_feats.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-  top_sims, top_idx = jax.lax.top_k(sims, k)
-  votes = jax.nn.one_hot(train_labels[top_idx], num_classes) * jnp.exp(
-      top_sims / temperature)[..., None]
-  return jnp.sum(votes, axis=1)
+def _local_top_k(test_feats, bank, bank_labels, *, k: int, axes):
+  """Per-device top-k over this device's bank slice, then merged over `axes`."""
+  sims = jnp.einsum('td,nd->tn', test_feats, bank, precision=jax.lax.Precision.HIGHEST)
+  sims = jnp.where(bank_labels[None, :] >= 0, sims, -jnp.inf)  # padded bank rows never win
+  kk = min(k, bank.shape[0])
+  vals, idx = jax.lax.top_k(sims, kk)
+  labs = bank_labels[idx]
+  if axes:
+    vals = jax.lax.all_gather(vals, axes, axis=1, tiled=True)
+    labs = jax.lax.all_gather(labs, axes, axis=1, tiled=True)
+  vals, order = jax.lax.top_k(vals, k)
+  return vals, jnp.take_along_axis(labs, order, axis=1)
 
 
-def knn_classify(train_feats, train_labels, test_feats, test_labels, *, k: int = 20,
-                 temperature: float = 0.07, num_classes: int | None = None,
-                 chunk: int = 1024) -> dict[str, float]:
-  """Top-1 and top-5 accuracy (percent) of weighted k-NN."""
+@functools.partial(jax.jit, static_argnames=('ks', 'num_classes', 'mesh'))
+def knn_scores(test_feats, bank, bank_labels, *, ks: tuple[int, ...], temperature: float,
+               num_classes: int, mesh=None):
+  """(len(ks), n_test, num_classes) vote totals for each k. Features must be L2-normalised;
+  bank rows with label -1 are padding. With a mesh the bank must be sharded over all of its
+  axes (see `shard_bank`)."""
+  test_feats = test_feats.astype(jnp.float32)
+  k_max = max(ks)
+  if mesh is None:
+    vals, labs = _local_top_k(test_feats, bank, bank_labels, k=k_max, axes=())
+  else:
+    fn = jax.shard_map(functools.partial(_local_top_k, k=k_max, axes=sharding.AXES), mesh=mesh,
+                       in_specs=(P(), P(sharding.AXES), P(sharding.AXES)),
+                       out_specs=(P(), P()), check_vma=False)
+    vals, labs = fn(test_feats, bank, bank_labels)
+  weights = jnp.where(jnp.isfinite(vals), jnp.exp(vals / temperature), 0.0)
+  votes = jax.nn.one_hot(labs, num_classes) * weights[..., None]  # (T, k_max, C)
+  cum = jnp.cumsum(votes, axis=1)
+  return jnp.stack([cum[:, k - 1] for k in ks])
+
+
+def shard_bank(train_feats: np.ndarray, train_labels: np.ndarray, mesh):
+  """Pad the bank to a multiple of the device count (label -1) and shard its rows."""
+  n_dev = mesh.devices.size
+  pad = (-len(train_feats)) % n_dev
+  feats = np.pad(train_feats, ((0, pad), (0, 0)))
+  labels = np.pad(train_labels, (0, pad), constant_values=-1)
+  rows = NamedSharding(mesh, P(sharding.AXES))
+  return jax.device_put(feats, rows), jax.device_put(labels, rows)
+
+
+def knn_classify_ks(train_feats, train_labels, test_feats, test_labels, *,
+                    ks=OFFICIAL_KS, temperature: float = 0.07, num_classes: int | None = None,
+                    chunk: int = 1024, mesh=None) -> dict[int, dict[str, float]]:
+  """{k: {'top1', 'top5'}} (percent) of weighted k-NN for every k in `ks`, in one pass.
+
+  mesh: shard the train bank over its devices (default: every local device, one axis each).
+  k larger than the train set is clamped to its size.
+  """
   train_feats = np.asarray(train_feats, np.float32)
   test_feats = np.asarray(test_feats, np.float32)
   train_labels = np.asarray(train_labels, np.int32)
   test_labels = np.asarray(test_labels, np.int32)
   if len(train_feats) == 0 or len(test_feats) == 0:
     raise ValueError('k-NN needs at least one train and one test feature')
+  ks = tuple(int(k) for k in np.atleast_1d(ks))
+  if not ks or min(ks) < 1:
+    raise ValueError(f'k-NN: every k must be >= 1, got {ks}')
   num_classes = int(num_classes or max(train_labels.max(), test_labels.max()) + 1)
-  k = min(k, len(train_feats))
+  eff = tuple(sorted({min(k, len(train_feats)) for k in ks}))
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  bank, bank_labels = shard_bank(train_feats, train_labels, mesh)
   chunk = min(chunk, len(test_feats))
-  train_feats_dev = jax.device_put(train_feats)  # once, not once per chunk
-  train_labels_dev = jax.device_put(train_labels)
-  top1 = top5 = 0
+  top1 = {k: 0 for k in eff}
+  top5 = {k: 0 for k in eff}
   for start in range(0, len(test_feats), chunk):
     block = test_feats[start:start + chunk]
     n = len(block)
     block = np.pad(block, ((0, chunk - n), (0, 0)))  # one compiled shape for every chunk
-    scores = np.asarray(knn_scores(block, train_feats_dev, train_labels_dev, k=k,
-                                   temperature=temperature, num_classes=num_classes))[:n]
+    scores = np.asarray(knn_scores(block, bank, bank_labels, ks=eff, temperature=temperature,
+                                   num_classes=num_classes, mesh=mesh))[:, :n]
     labels = test_labels[start:start + n]
-    order = np.argsort(-scores, axis=1, kind='stable')
-    top1 += int(np.sum(order[:, 0] == labels))
-    top5 += int(np.sum(np.any(order[:, :min(5, num_classes)] == labels[:, None], axis=1)))
-  return {'top1': 100.0 * top1 / len(test_feats), 'top5': 100.0 * top5 / len(test_feats)}
+    for i, k in enumerate(eff):
+      order = np.argsort(-scores[i], axis=1, kind='stable')
+      top1[k] += int(np.sum(order[:, 0] == labels))
+      top5[k] += int(np.sum(np.any(order[:, :min(5, num_classes)] == labels[:, None], axis=1)))
+  n = len(test_feats)
+  return {k: {'top1': 100.0 * top1[min(k, len(train_feats))] / n,
+              'top5': 100.0 * top5[min(k, len(train_feats))] / n} for k in ks}
+
+
+def knn_classify(train_feats, train_labels, test_feats, test_labels, *, k: int = 20,
+                 temperature: float = 0.07, num_classes: int | None = None,
+                 chunk: int = 1024, mesh=None) -> dict[str, float]:
+  """Top-1 and top-5 accuracy (percent) of weighted k-NN for one k."""
+  return knn_classify_ks(train_feats, train_labels, test_feats, test_labels, ks=(k,),
+                         temperature=temperature, num_classes=num_classes, chunk=chunk,
+                         mesh=mesh)[k]
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
