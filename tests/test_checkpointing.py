@@ -68,7 +68,7 @@ def start_cli(tmp_path, overrides):
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for(proc, condition, what, timeout=300):
+def wait_for(proc, condition, what, timeout=1200):
   t0 = time.time()
   while not condition():
     if proc.poll() is not None:
@@ -109,7 +109,7 @@ def test_sigterm_saves_at_the_next_step_and_resumes_exactly(tmp_path, digits_npz
   wait_for(proc, lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 7,
            'step 7')
   proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
+  out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out
   assert 'preempted: saved step' in out
   mngr = checkpointing.manager(str(tmp_path / 'w'))
@@ -164,7 +164,7 @@ def test_cli_reports_a_mismatched_workdir_in_one_line(tmp_path, trained):
   src, config, _ = trained
   shutil.copytree(src, tmp_path / 'w')
   proc = start_cli(tmp_path, {**_overrides(config), 'batch_size': 32})
-  out, _ = proc.communicate(timeout=300)
+  out, _ = proc.communicate(timeout=900)
   assert proc.returncode == 1
   assert 'error: ' in out and 'batch_size: checkpoint 16, this run 32' in out
 
