@@ -108,7 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 2500  # steps between checkpoints (and one at the end)
   c.keep_checkpoints = 3  # newest checkpoints kept ...
   c.keep_checkpoint_every = 0  # ... plus every step divisible by this (0: none)
-  c.init_from = ''  # workdir or WORKDIR/checkpoints/<step> whose weights start a new run
+  c.init_from = ''  # weights that start a new run: a workdir, WORKDIR/checkpoints/<step>, or
+  # official weights converted with `python -m dino_jax.convert import` (.safetensors)
   c.eval_every = 12510  # steps between k-NN evals (0: only at the start and the end)
   c.attention_images = 4  # teacher attention maps of this many test images to TensorBoard (0: none)
   c.knn = ml_collections.ConfigDict()

@@ -10,6 +10,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 from absl import logging
 from flax import nnx
@@ -159,7 +160,9 @@ def _start_state(run: Run, workdir: str, mngr):
     print(f'dino_jax: resumed from {mngr.directory}/{restored.step}', flush=True)
     return restored.state, restored.data, mngr
   state = init_state(run)
-  if config.init_from:
+  if config.init_from.endswith('.safetensors'):
+    state = _init_from_converted(state, config.init_from)
+  elif config.init_from:
     params = {}
     for which, key in (('student', 'params'), ('teacher', 'teacher_params')):
       params[key], step = checkpointing.restore_params(
@@ -168,6 +171,39 @@ def _start_state(run: Run, workdir: str, mngr):
     print(f'dino_jax: initialised student and teacher from {config.init_from} (step {step})',
           flush=True)
   return state, None, mngr
+
+
+def _init_from_converted(state, path: str):
+  """Student and teacher start from official weights converted by `python -m dino_jax.convert
+  import` (the backbone, and the head and center when the file has them and they fit)."""
+  from dino_jax import convert  # pylint: disable=import-outside-toplevel
+  c = convert.load_converted(path)
+  parts = {'backbone': c.backbone}
+  if c.head is not None:
+    parts['head'] = c.head
+  def put(current, new, name):
+    got = jax.tree.structure(new)
+    if got != jax.tree.structure(current):
+      raise checkpointing.CheckpointMismatchError(
+          f'config.init_from: the {name} in {path} does not fit config.model (convert shows the '
+          f'architecture it read; set model.* to match)')
+    for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(current)[0], jax.tree.leaves(new)):
+      if a.shape != np.shape(b):
+        raise checkpointing.CheckpointMismatchError(
+            f'config.init_from: {name}{jax.tree_util.keystr(p)} is {np.shape(b)} in {path}, '
+            f'the model has {a.shape}')
+    return jax.tree.map(lambda a, b: jax.device_put(np.asarray(b, a.dtype), a.sharding),
+                        current, new)
+  student, teacher = dict(state.params), dict(state.teacher_params)
+  for name, new in parts.items():
+    student[name] = put(state.params[name], new, name)
+    teacher[name] = put(state.teacher_params[name], new, name)
+  state = state.replace(params=student, teacher_params=teacher)
+  if c.center is not None and c.center.shape == state.center.shape:
+    state = state.replace(center=jax.device_put(c.center, state.center.sharding))
+  print(f'dino_jax: initialised student and teacher ({", ".join(parts)}) from {path}',
+        flush=True)
+  return state
 
 
 def abstract_shardings(tree):

@@ -259,3 +259,25 @@ def test_preprocess_any_size_grayscale_or_rgb():
   images = [rng.integers(0, 256, (40, 30, 3), np.uint8), rng.integers(0, 256, (20, 50), np.uint8)]
   x = inference.preprocess(images, size=16)
   assert x.shape == (2, 16, 16, 3) and np.isfinite(np.asarray(x)).all()
+
+
+def test_init_from_converted_official_weights(tmp_path, trained):
+  """A file written by `python -m dino_jax.convert import` (here: made from a run's teacher)
+  starts student and teacher; a model it does not fit is a clear error."""
+  from dino_jax import convert  # pylint: disable=import-outside-toplevel
+  src, config, state = trained
+  path = str(tmp_path / 'weights.safetensors')
+  convert.save(convert.from_workdir(src), path)
+  run = train.build(tiny_config(**{**_overrides(config), 'init_from': path}))
+  mngr = checkpointing.manager(str(tmp_path / 'w'))
+  start, _, mngr = train._start_state(run, str(tmp_path / 'w'), mngr)  # pylint: disable=protected-access
+  mngr.close()
+  assert_same_state(state.teacher_params['backbone'], start.params['backbone'])
+  assert_same_state(state.teacher_params['backbone'], start.teacher_params['backbone'])
+  assert int(start.step) == 0
+  bad = train.build(tiny_config(**{**_overrides(config), 'init_from': path,
+                                   'model.arch': 'vit_tiny'}))
+  mngr = checkpointing.manager(str(tmp_path / 'w2'))
+  with pytest.raises(checkpointing.CheckpointMismatchError, match='config.init_from: '):
+    train._start_state(bad, str(tmp_path / 'w2'), mngr)  # pylint: disable=protected-access
+  mngr.close()
