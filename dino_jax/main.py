@@ -6,7 +6,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from dino_jax import train
+from dino_jax import distributed, train
 from dino_jax.validate import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
@@ -18,8 +18,9 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   try:
+    distributed.initialize(_CONFIG.value.distributed)  # before anything touches a device
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, train.NonFiniteLossError) as e:
+  except (ConfigError, distributed.DistributedConfigError, train.NonFiniteLossError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
 

@@ -87,10 +87,12 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
     return state_lib.create(student, tx, config.model.out_dim,
                             jax.random.PRNGKey(config.seed + 1))
 
-  state_shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_fn))
+  state_shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_fn),
+                                            config.mesh.min_shard_size)
   step = train_step_lib.make(student_def, teacher_def, tx, schedules,
                              augment.AugmentConfig.from_config(config), dtype=dtype,
-                             center_momentum=config.loss.center_momentum)
+                             center_momentum=config.loss.center_momentum,
+                             crop_sharding=sharding.batch_sharding(mesh))
   step_fn = train_step_lib.jit(step, state_shardings, sharding.batch_sharding(mesh),
                                sharding.replicated(mesh))
   feature_fn = features_lib.make_feature_fn(teacher_def, size=config.crops.global_size,

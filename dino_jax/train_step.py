@@ -18,15 +18,23 @@ from dino_jax.state import TrainState
 
 
 def make(student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.GradientTransformation,
-         schedules: Schedules, aug: augment.AugmentConfig, *, dtype, center_momentum: float
-         ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """The un-jitted step function; see `jit` for the compiled, sharded version."""
+         schedules: Schedules, aug: augment.AugmentConfig, *, dtype, center_momentum: float,
+         crop_sharding=None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The un-jitted step function; see `jit` for the compiled, sharded version.
+
+  crop_sharding: a batch sharding the crops are constrained to, so every device runs the
+  networks on its own rows whatever layout the crop-major concatenation got.
+  """
   n_global = len(aug.global_crops)
+  constrain = ((lambda x: jax.lax.with_sharding_constraint(x, crop_sharding))
+               if crop_sharding is not None else (lambda x: x))
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(state.rng, state.step)
     k_aug, k_drop = jax.random.split(key)
     global_crops, local_crops = augment.multicrop(k_aug, batch['image'], batch['hw'], aug, dtype)
+    global_crops = constrain(global_crops)
+    local_crops = constrain(local_crops) if local_crops is not None else None
     student_crops = [global_crops] + ([local_crops] if local_crops is not None else [])
 
     teacher = nnx.merge(teacher_def, state.teacher_params)

@@ -36,7 +36,7 @@ def build(config, *, teacher: bool = False, dtype=None, seed: int = 0) -> DINO:
   m = config.model
   vit_cfg = ViTConfig.from_variant(
       m.arch, m.patch_size, img_size=config.crops.global_size,
-      drop_path_rate=0.0 if teacher else m.drop_path_rate)
+      drop_path_rate=0.0 if teacher else m.drop_path_rate, remat=m.remat)
   return DINO(vit_cfg, m.out_dim, head_hidden_dim=m.head_hidden_dim,
               head_bottleneck_dim=m.head_bottleneck_dim, head_layers=m.head_layers,
               dtype=jnp.dtype(dtype or config.dtype), rngs=nnx.Rngs(seed))

@@ -46,6 +46,7 @@ class ViTConfig:
   img_size: int = 224
   mlp_ratio: float = 4.0
   drop_path_rate: float = 0.0
+  remat: bool = False  # recompute each block's activations in the backward pass
 
   @classmethod
   def from_variant(cls, arch: str, patch_size: int, **kw) -> 'ViTConfig':
@@ -112,6 +113,13 @@ def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
+def attention_implementation(dtype) -> str | None:
+  """'cudnn' (flash attention) on GPUs in 16-bit dtypes, else None (XLA's softmax(QK^T)V,
+  softmax in float32)."""
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return 'cudnn' if half and jax.default_backend() == 'gpu' else None
+
+
 class Attention(nnx.Module):
 
   def __init__(self, dim: int, heads: int, *, dtype, rngs: nnx.Rngs):
@@ -124,10 +132,15 @@ class Attention(nnx.Module):
     hd = d // self.heads
     qkv = self.qkv(x).reshape(b, n, 3, self.heads, hd)  # rows [q|k|v], head-major, as PyTorch
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if not return_attention:  # fused kernel where the platform has one (cuDNN on GPUs)
+      out = jax.nn.dot_product_attention(q, k, v, scale=hd ** -0.5,
+                                         implementation=attention_implementation(q.dtype))
+      return self.proj(out.reshape(b, n, d)), None
+    # The exact path that also returns the f32 softmax maps (visualisation).
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (hd ** -0.5)
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     out = jnp.einsum('bhqk,bkhd->bqhd', attn.astype(v.dtype), v).reshape(b, n, d)
-    return self.proj(out), (attn if return_attention else None)
+    return self.proj(out), attn
 
 
 class Mlp(nnx.Module):
@@ -156,6 +169,12 @@ class Block(nnx.Module):
     x = x + drop_path(y, self.drop_path_rate, k1)
     x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, k2)
     return x, attn
+
+
+@nnx.remat
+def _remat_block(block: Block, x, key):
+  """A block whose activations are recomputed in the backward pass (ViTConfig.remat)."""
+  return block(x, key)
 
 
 class ViT(nnx.Module):
@@ -197,7 +216,10 @@ class ViT(nnx.Module):
     outs, attn = [], None
     for i, (block, k) in enumerate(zip(self.blocks, keys)):
       last = i == len(self.blocks) - 1
-      x, a = block(x, k, return_attention=return_attention and last)
+      if self.cfg.remat and not (return_attention and last):
+        x, a = _remat_block(block, x, k)
+      else:
+        x, a = block(x, k, return_attention=return_attention and last)
       if i >= len(self.blocks) - n_last:
         outs.append(x)
       attn = a if last else attn
