@@ -14,7 +14,8 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from dino_jax import augment, checkpointing, data, models, optim, sharding, state as state_lib
+from dino_jax import augment, checkpointing, data, distributed, models, optim, sharding
+from dino_jax import state as state_lib
 from dino_jax import train_step as train_step_lib
 from dino_jax.evaluators import features as features_lib
 from dino_jax.evaluators import knn
@@ -175,9 +176,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     t_start = t_last = time.time()
     last_logged = start
     metrics = None
+    step_fn = run.step_fn
     for step in range(start, total):
       batch = sharding.to_global(next(batches), run.mesh)
-      state, metrics = run.step_fn(state, batch)
+      if step == start:  # multi-host: every process compiled before any runs the step
+        step_fn = distributed.compile_on_all(run.step_fn, state, batch)
+      state, metrics = step_fn(state, batch)
       done = step + 1
       if done % config.log_every == 0 or done == total:
         m = jax.device_get(metrics)
