@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.mask_token = False  # learned token for masked patches (iBOT / DINOv2 masking)
   c.model.interpolate_offset = 0.1  # pos-embed resize scale (n + offset)/S; 0: exact size
   c.model.interpolate_antialias = False  # antialiased bicubic pos-embed resize (v2 reg models)
+  c.model.remat = False  # recompute each block in the backward pass (less memory, ~1/3 more compute)
   c.model.out_dim = 65536  # K prototypes
   c.model.norm_last_layer = True  # freeze the prototypes' scale g at 1
   c.model.head_hidden_dim = 2048
@@ -102,7 +103,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel size (-1: all devices not used by fsdp)
-  c.mesh.fsdp = 1  # parameter-sharding size
+  c.mesh.fsdp = 1  # parameter-sharding size (ViT-L and up: e.g. 8 on a GPU node)
+  c.mesh.min_shard_size = 2 ** 16  # elements; smaller tensors are replicated on every device
+  # Multi-host: 'auto' calls jax.distributed.initialize() when a cluster is detected (Cloud
+  # TPU VM, SLURM job with more than one task, JAX_COORDINATOR_ADDRESS set); 'none' never;
+  # 'HOST:PORT' uses that coordinator with JAX_NUM_PROCESSES and JAX_PROCESS_ID from the env.
+  c.distributed = 'auto'
 
   c.log_every = 50  # steps between metric lines
   c.checkpoint_every = 2500  # steps between checkpoints (and one at the end)

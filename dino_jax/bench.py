@@ -13,6 +13,11 @@
       Imagenette and DAVIS's 854x480 JPEG frames at --canvas);
       then the fraction of the train loop's wall time spent waiting for the next batch in
       the config's recipe, reading those JPEG files (folder:) and the npz arrays.
+  python -m dino_jax.bench train --config=configs/bench_cpu.py [--steps 5] [--set F=V ...]
+      [--peak-tflops T] [--breakdown]
+      the same plus TFLOP/s per device, MFU against the device's peak (PEAK_TFLOPS table or
+      --peak-tflops), peak device memory from the compiled memory analysis, and with
+      --breakdown the time of augmentation, teacher forward and student forward+backward.
 """
 from __future__ import annotations
 
@@ -264,6 +269,121 @@ def bench_data(args) -> None:
   shutil.rmtree(tmp)
 
 
+# Dense peak TFLOP/s per device by (device_kind, compute dtype), from the vendors' spec sheets
+# (no sparsity). Other devices: pass --peak-tflops.
+PEAK_TFLOPS = {
+    ('NVIDIA H100 80GB HBM3', 'bfloat16'): 989.0, ('NVIDIA H100 80GB HBM3', 'float32'): 494.5,
+    ('NVIDIA H100 PCIe', 'bfloat16'): 756.0, ('NVIDIA H100 PCIe', 'float32'): 378.0,
+    ('NVIDIA H200', 'bfloat16'): 989.0, ('NVIDIA H200', 'float32'): 494.5,
+    ('NVIDIA A100-SXM4-80GB', 'bfloat16'): 312.0, ('NVIDIA A100-SXM4-80GB', 'float32'): 156.0,
+    ('NVIDIA A100-SXM4-40GB', 'bfloat16'): 312.0, ('NVIDIA A100-SXM4-40GB', 'float32'): 156.0,
+    ('TPU v4', 'bfloat16'): 275.0,
+    ('TPU v5 lite', 'bfloat16'): 197.0,
+    ('TPU v5', 'bfloat16'): 459.0,  # v5p
+    ('TPU v6 lite', 'bfloat16'): 918.0,
+}
+
+
+def _peak_tflops(kind: str, dtype: str, override: float | None) -> float | None:
+  return override if override else PEAK_TFLOPS.get((kind, dtype))
+
+
+def _time(fn, *args, steps: int) -> tuple[float, float]:
+  """(compile + first call seconds, mean seconds per later call) of a jitted function."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return first, (time.perf_counter() - t0) / steps
+
+
+def _breakdown(run, state, batch, steps: int) -> None:
+  """Where a step's time goes: each part jitted and timed on its own."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from dino_jax import augment  # pylint: disable=import-outside-toplevel
+  aug = augment.AugmentConfig.from_config(run.config)
+  crop = jax.jit(lambda k, c, hw: augment.multicrop(k, c, hw, aug, run.config.dtype))
+  g, l = crop(jax.random.PRNGKey(0), batch['image'], batch['hw'])
+  crops = [g] + ([l] if l is not None else [])
+
+  def backbone(params, crops):
+    model = nnx.merge(run.student_def, params)
+    return sum(model.backbone(c).cls.astype('float32').sum() for c in crops)
+
+  def student(params, crops):
+    return nnx.merge(run.student_def, params).multicrop(crops).sum()
+
+  parts = [
+      ('augmentation (all crops)', crop, (jax.random.PRNGKey(1), batch['image'], batch['hw'])),
+      ('teacher forward (global crops)', jax.jit(student), (state.teacher_params, [g])),
+      ('student backbone forward+backward', jax.jit(jax.grad(backbone)), (state.params, crops)),
+      ('student backbone+head forward+backward', jax.jit(jax.grad(student)),
+       (state.params, crops)),
+  ]
+  print('  breakdown (each part jitted alone; the rest of the step is loss, optimizer, EMA):')
+  for name, fn, args in parts:
+    _, t = _time(fn, *args, steps=steps)
+    print(f'    {name:40s} {t * 1e3:8.1f} ms')
+
+
+def bench_train(args) -> None:
+  """Compile time, step time, images/s, TFLOP/s, MFU and peak memory of the train step."""
+  from dino_jax import config_file, data, sharding, train  # pylint: disable=import-outside-toplevel
+  config = config_file.load(args.config)
+  config_file.override(config, dict(_parse_override(config, o) for o in args.set))
+  run = train.build(config)
+  state = train.init_state(run)
+  ds = data.train_dataset(run.train_source, canvas_size=config.data.canvas_size,
+                          global_batch=config.batch_size, seed=0,
+                          process_index=jax.process_index(), process_count=jax.process_count())
+  batch = sharding.to_global(ds[0], run.mesh)
+  t0 = time.perf_counter()
+  compiled = run.step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', 0.0))  # per device: the partitioned program's count
+  mem = compiled.memory_analysis()
+  for _ in range(args.warmup):
+    state, m = compiled(state, batch)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  step_s = float(np.median(times))
+  device = jax.devices()[0]
+  n_dev = jax.device_count()
+  tflops = flops / step_s / 1e12
+  peak = _peak_tflops(device.device_kind, config.dtype, args.peak_tflops)
+  mfu = f'{100 * tflops / peak:.1f}% of {peak:.4g} TFLOP/s' if peak else \
+      'n/a (unknown device peak: pass --peak-tflops)'
+  print(f'train: {config.model.arch}/{config.model.patch_size}, batch {config.batch_size}, '
+        f'crops 2x{config.crops.global_size} + {config.crops.n_local}x{config.crops.local_size}, '
+        f'dtype {config.dtype}, remat {config.model.remat}, out_dim {config.model.out_dim}')
+  print(f'  devices: {n_dev} x {device.device_kind} ({device.platform}), '
+        f'{jax.process_count()} process(es), mesh {dict(run.mesh.shape)}')
+  print(f'  compile {compile_s:.1f} s')
+  print(f'  step {step_s * 1e3:.1f} ms (median of {args.steps}; min {min(times) * 1e3:.1f}, '
+        f'max {max(times) * 1e3:.1f}), {config.batch_size / step_s:.1f} images/s')
+  print(f'  {flops / 1e9:.1f} GFLOP/step/device (XLA cost analysis), {tflops:.3f} TFLOP/s '
+        f'per device achieved, MFU {mfu}')
+  if mem is not None:
+    peak_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes +
+                  mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+    print(f'  peak device memory {peak_bytes / 2**30:.2f} GiB (compiled memory analysis: '
+          f'arguments {mem.argument_size_in_bytes / 2**30:.2f} + outputs '
+          f'{mem.output_size_in_bytes / 2**30:.2f} + temporaries '
+          f'{mem.temp_size_in_bytes / 2**30:.2f} - donated {mem.alias_size_in_bytes / 2**30:.2f})')
+  if args.breakdown:
+    _breakdown(run, state, batch, args.steps)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -288,8 +408,19 @@ def main() -> None:
   d.add_argument('--data-dir', default=SHARED, help='the shared data folder')
   d.add_argument('--set', nargs='*', default=[], metavar='FIELD=VALUE',
                  help='config overrides, e.g. data.worker_count=2')
+  t = sub.add_parser('train')
+  t.add_argument('--config', required=True)
+  t.add_argument('--steps', type=int, default=5, help='timed steps (the median is reported)')
+  t.add_argument('--warmup', type=int, default=1, help='untimed steps after compiling')
+  t.add_argument('--set', nargs='*', default=[], metavar='FIELD=VALUE',
+                 help='config overrides, e.g. batch_size=128 dtype=bfloat16')
+  t.add_argument('--peak-tflops', type=float, default=None,
+                 help='peak TFLOP/s of one device for MFU (default: the PEAK_TFLOPS table)')
+  t.add_argument('--breakdown', action='store_true',
+                 help='also time augmentation, teacher forward and student fwd+bwd alone')
   args = parser.parse_args()
-  {'augment': bench_augment, 'step': bench_step, 'data': bench_data}[args.what](args)
+  {'augment': bench_augment, 'step': bench_step, 'data': bench_data,
+   'train': bench_train}[args.what](args)
 
 
 if __name__ == '__main__':

@@ -15,7 +15,8 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from dino_jax import augment, checkpointing, data, models, optim, sharding, state as state_lib
+from dino_jax import augment, checkpointing, data, distributed, models, optim, sharding
+from dino_jax import state as state_lib
 from dino_jax import train_step as train_step_lib
 from dino_jax.evaluators import attention as attention_lib
 from dino_jax.evaluators import features as features_lib
@@ -90,10 +91,12 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
     return state_lib.create(student, tx, config.model.out_dim,
                             jax.random.PRNGKey(config.seed + 1), models.patch_out_dim(config))
 
-  state_shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_fn))
+  state_shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_fn),
+                                            config.mesh.min_shard_size)
   step = train_step_lib.make(student_def, teacher_def, tx, schedules,
                              augment.AugmentConfig.from_config(config), dtype=dtype,
-                             loss=train_step_lib.LossSpec.from_config(config))
+                             loss=train_step_lib.LossSpec.from_config(config),
+                             crop_sharding=sharding.batch_sharding(mesh))
   step_fn = train_step_lib.jit(step, state_shardings, sharding.batch_sharding(mesh),
                                sharding.replicated(mesh))
   feature_fn = features_lib.make_feature_fn(teacher_def, size=config.crops.global_size,
@@ -256,9 +259,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     t_start = t_last = time.time()
     last_logged = start
     metrics = None
+    step_fn = run.step_fn
     for step in range(start, total):
       batch = sharding.to_global(next(batches), run.mesh)
-      state, metrics = run.step_fn(state, batch)
+      if step == start:  # multi-host: every process compiled before any runs the step
+        step_fn = distributed.compile_on_all(run.step_fn, state, batch)
+      state, metrics = step_fn(state, batch)
       done = step + 1
       if done % config.log_every == 0 or done == total:
         m = jax.device_get(metrics)

@@ -48,16 +48,24 @@ def _targets(spec: LossSpec, logits, center, temp, valid=None):
 
 
 def make(student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.GradientTransformation,
-         schedules: Schedules, aug: augment.AugmentConfig, *, dtype, loss: LossSpec
-         ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """The un-jitted step function; see `jit` for the compiled, sharded version."""
+         schedules: Schedules, aug: augment.AugmentConfig, *, dtype, loss: LossSpec,
+         crop_sharding=None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The un-jitted step function; see `jit` for the compiled, sharded version.
+
+  crop_sharding: a batch sharding the crops are constrained to, so every device runs the
+  networks on its own rows whatever layout the crop-major concatenation got.
+  """
   n_global = len(aug.global_crops)
   ibot = loss.ibot_weight > 0
+  constrain = ((lambda x: jax.lax.with_sharding_constraint(x, crop_sharding))
+               if crop_sharding is not None else (lambda x: x))
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(state.rng, state.step)
     k_aug, k_drop, k_mask = jax.random.split(key, 3)
     global_crops, local_crops = augment.multicrop(k_aug, batch['image'], batch['hw'], aug, dtype)
+    global_crops = constrain(global_crops)
+    local_crops = constrain(local_crops) if local_crops is not None else None
     n_img = global_crops.shape[0]  # n_global * B rows, crop-major
     b = n_img // n_global
     temp = schedules.teacher_temp_at(state.step)

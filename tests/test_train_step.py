@@ -6,6 +6,9 @@ import pytest
 from dino_jax import data, optim, sharding, train
 
 
+MESHES = {'1': (1, 1), '8x1': (8, 1), '1x8': (1, 8), '2x4': (2, 4)}
+
+
 def first_batch(run, n=None):
   ds = data.train_dataset(run.train_source, canvas_size=run.config.data.canvas_size,
                           global_batch=run.config.batch_size, seed=0)
@@ -19,11 +22,11 @@ def host(tree):
 @pytest.fixture(scope='module')
 def runs():
   from conftest import tiny_config  # pylint: disable=import-outside-toplevel
-  config = tiny_config()
+  config = tiny_config(**{'mesh.min_shard_size': 0})  # shard even the tiny model's tensors
   devices = jax.devices()
   assert len(devices) == 8
   return {name: train.build(config, sharding.make_mesh(d, f, devices[:d * f]))
-          for name, (d, f) in {'1': (1, 1), '8x1': (8, 1), '2x4': (2, 4)}.items()}
+          for name, (d, f) in MESHES.items()}
 
 
 def test_eight_devices_match_one(runs):
@@ -35,21 +38,23 @@ def test_eight_devices_match_one(runs):
       state, metrics = run.step_fn(state, sharding.to_global(batch, run.mesh))
     results[name] = (host(state), host(metrics))
   ref_state, ref_metrics = results['1']
-  for name in ('8x1', '2x4'):
+  for name in ('8x1', '1x8', '2x4'):
     state, metrics = results[name]
     np.testing.assert_allclose(metrics['loss'], ref_metrics['loss'], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(ref_state), jax.tree.leaves(state)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def test_fsdp_actually_shards_large_tensors(runs):
-  run = runs['2x4']
-  state = train.init_state(run)
-  v = state.params['head']['last_layer']['weight_v']
-  if v.size >= sharding.MIN_SHARD_SIZE:
-    assert 'fsdp' in str(v.sharding.spec)
-  assert sharding.param_spec((256, 65536), 4) == jax.sharding.PartitionSpec(None, 'fsdp')
-  assert sharding.param_spec((3, 4), 4) == jax.sharding.PartitionSpec()
+def test_fsdp_shards_params_moments_and_center(runs):
+  for name in ('1x8', '2x4'):
+    state = train.init_state(runs[name])
+    fsdp = runs[name].mesh.shape['fsdp']
+    for tree in (state.params, state.teacher_params,
+                 state.opt_state[1].inner_states['last_layer'].inner_state.inner.mu):
+      v = tree['head']['last_layer']['weight_v']
+      assert v.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
+      assert {s.data.shape for s in v.addressable_shards} == {(v.shape[0], v.shape[1] // fsdp)}
+    assert state.center.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
 
 
 def test_teacher_is_ema_of_student_and_center_moves(runs):

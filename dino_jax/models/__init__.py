@@ -55,7 +55,8 @@ def build(config, *, teacher: bool = False, dtype=None, seed: int = 0) -> DINO:
       drop_path_rate=0.0 if teacher else m.drop_path_rate,
       drop_path_uniform=m.drop_path_uniform, layerscale=m.layerscale,
       n_registers=m.n_registers, ffn=m.ffn, mask_token=m.mask_token,
-      interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias)
+      interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias,
+      remat=m.remat)
   return DINO(vit_cfg, m.out_dim, head_hidden_dim=m.head_hidden_dim,
               head_bottleneck_dim=m.head_bottleneck_dim, head_layers=m.head_layers,
               ibot_out_dim=patch_out_dim(config) if m.ibot_separate_head else 0,

@@ -61,6 +61,7 @@ class ViTConfig:
   mask_token: bool = False  # learned (1, D) token that `masks` put in place of patches
   interpolate_offset: float = 0.1  # pos-embed resize scale (n + offset)/S; 0: exact size n
   interpolate_antialias: bool = False  # antialiased bicubic (DINOv2 register models)
+  remat: bool = False  # recompute each block's activations in the backward pass
 
   def __post_init__(self):
     if self.ffn not in FFNS:
@@ -170,6 +171,13 @@ def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
+def attention_implementation(dtype) -> str | None:
+  """'cudnn' (flash attention) on GPUs in 16-bit dtypes, else None (XLA's softmax(QK^T)V,
+  softmax in float32)."""
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return 'cudnn' if half and jax.default_backend() == 'gpu' else None
+
+
 class Attention(nnx.Module):
 
   def __init__(self, dim: int, heads: int, *, dtype, rngs: nnx.Rngs):
@@ -182,10 +190,15 @@ class Attention(nnx.Module):
     hd = d // self.heads
     qkv = self.qkv(x).reshape(b, n, 3, self.heads, hd)  # rows [q|k|v], head-major, as PyTorch
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if not return_attention:  # fused kernel where the platform has one (cuDNN on GPUs)
+      out = jax.nn.dot_product_attention(q, k, v, scale=hd ** -0.5,
+                                         implementation=attention_implementation(q.dtype))
+      return self.proj(out.reshape(b, n, d)), None
+    # The exact path that also returns the f32 softmax maps (visualisation).
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (hd ** -0.5)
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     out = jnp.einsum('bhqk,bkhd->bqhd', attn.astype(v.dtype), v).reshape(b, n, d)
-    return self.proj(out), (attn if return_attention else None)
+    return self.proj(out), attn
 
 
 class Mlp(nnx.Module):
@@ -254,6 +267,12 @@ class Block(nnx.Module):
     return x, attn
 
 
+@nnx.remat
+def _remat_block(block: Block, x, key):
+  """A block whose activations are recomputed in the backward pass (ViTConfig.remat)."""
+  return block(x, key)
+
+
 class ViT(nnx.Module):
   """DINO / DINOv2 ViT. Call with NHWC images (and optional patch masks); returns a ViTOutput."""
 
@@ -310,7 +329,10 @@ class ViT(nnx.Module):
     outs, attn = [], None
     for i, (block, k) in enumerate(zip(self.blocks, keys)):
       last = i == len(self.blocks) - 1
-      x, a = block(x, k, return_attention=return_attention and last)
+      if self.cfg.remat and not (return_attention and last):
+        x, a = _remat_block(block, x, k)
+      else:
+        x, a = block(x, k, return_attention=return_attention and last)
       if i >= len(self.blocks) - n_last:
         outs.append(x)
       attn = a if last else attn
