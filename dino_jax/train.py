@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import ml_collections
-from absl import logging
 from flax import nnx
 
 from dino_jax import augment, checkpointing, data, distributed, models, optim, sharding
