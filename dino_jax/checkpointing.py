@@ -126,9 +126,10 @@ def _flatten(d: dict, prefix: str = '') -> dict:
 def check_resumable(saved: dict, current: dict, workdir: str) -> None:
   """Raise CheckpointMismatchError naming every resume-critical field that differs."""
   a, b = _flatten(saved), _flatten(current)
-  critical = [k for k in sorted(set(a) | set(b))
-              if a.get(k) != b.get(k) and any(k == p or k.startswith(p + '.')
-                                              for p in RESUME_CRITICAL)]
+  # A field only one side has is a field added (or removed) by a newer version of the code,
+  # which resumes with its default: not a mismatch.
+  critical = [k for k in sorted(set(a) & set(b))
+              if a[k] != b[k] and any(k == p or k.startswith(p + '.') for p in RESUME_CRITICAL)]
   if critical:
     diffs = '; '.join(f'{k}: checkpoint {a.get(k)!r}, this run {b.get(k)!r}' for k in critical)
     raise CheckpointMismatchError(
