@@ -281,3 +281,15 @@ def test_init_from_converted_official_weights(tmp_path, trained):
   with pytest.raises(checkpointing.CheckpointMismatchError, match='config.init_from: '):
     train._start_state(bad, str(tmp_path / 'w2'), mngr)  # pylint: disable=protected-access
   mngr.close()
+
+
+def test_check_resumable_names_critical_fields_and_tolerates_new_ones():
+  saved = {'model': {'arch': 'vit_small', 'out_dim': 10}, 'optim': {'lr': 1.0}, 'seed': 0}
+  newer = {'model': {'arch': 'vit_small', 'out_dim': 10, 'remat': False},  # a field added later
+           'optim': {'lr': 2.0}, 'seed': 0}  # lr may change on resume
+  checkpointing.check_resumable(saved, newer, 'W')
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"W holds a run this config cannot resume \(model\.arch: checkpoint "
+                           r"'vit_small', this run 'vit_base'; seed: checkpoint 0, this run 1\)"):
+    checkpointing.check_resumable(saved, {**newer, 'seed': 1,
+                                          'model': {'arch': 'vit_base', 'out_dim': 10}}, 'W')
