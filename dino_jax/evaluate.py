@@ -31,7 +31,7 @@ from dino_jax.evaluators import knn as knn_lib
 from dino_jax.evaluators import linear as linear_lib
 from dino_jax.evaluators import video as video_lib
 
-DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
+DEFAULT_LRS = (1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # official base lr: 0.001
 
 
 def load(args):
