@@ -34,8 +34,9 @@ def _network(config: ml_collections.ConfigDict, dtype) -> tuple[nnx.GraphDef, di
 
 def load_model(path: str, which: str = 'teacher', step: int | None = None, *,
                with_head: bool = False, dtype=None):
-  """A ready NNX model and its config from a workdir, a WORKDIR/checkpoints/<step> directory
-  or a file written by `export`.
+  """A ready NNX model and its config from a workdir, a WORKDIR/checkpoints/<step> directory,
+  a file written by `export`, or official weights converted to .safetensors by
+  `python -m dino_jax.convert import`.
 
   Returns (ViT backbone, config); with_head=True returns the whole DINO network (backbone +
   projection head) instead. Weights land on the default device (CPU or accelerator).
@@ -44,6 +45,8 @@ def load_model(path: str, which: str = 'teacher', step: int | None = None, *,
   if os.path.isfile(path):
     if with_head:
       raise ValueError(f'{path} is an exported backbone: it has no head')
+    if path.endswith('.safetensors'):
+      return _load_converted(path, dtype)
     return _load_exported(path, dtype)
   saved, step = checkpointing.read_config(path, step)
   config = ml_collections.ConfigDict(saved)
@@ -69,6 +72,19 @@ def export(path: str, out: str, which: str = 'teacher', step: int | None = None)
     f.write(blob)
   os.replace(tmp, out)
   return out
+
+
+def _load_converted(path: str, dtype):
+  """Official weights converted by `python -m dino_jax.convert import`, with a config that
+  holds their architecture and the official evaluation view (224 px, crop 0.875)."""
+  from dino_jax import convert  # pylint: disable=import-outside-toplevel
+  c = convert.load_converted(path)
+  model = convert.build_backbone(c, dtype=jnp.dtype(dtype or jnp.float32))
+  config = ml_collections.ConfigDict({
+      'model': convert.model_fields(c), 'dtype': str(jnp.dtype(dtype or jnp.float32)),
+      'crops': {'global_size': 224, 'eval_crop_fraction': 0.875},
+      'data': {'canvas_size': 256}})
+  return model, config
 
 
 def _load_exported(path: str, dtype):

@@ -275,6 +275,12 @@ def test_init_from_converted_official_weights(tmp_path, trained):
   assert_same_state(state.teacher_params['backbone'], start.params['backbone'])
   assert_same_state(state.teacher_params['backbone'], start.teacher_params['backbone'])
   assert int(start.step) == 0
+  converted, cfg = dino_jax.load_model(path)  # the evaluate CLI's route for official weights
+  teacher, _ = dino_jax.load_model(src)
+  images = np.random.default_rng(2).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(converted(images).cls), np.asarray(teacher(images).cls),
+                             atol=1e-6)
+  assert cfg.model.patch_size == 4 and cfg.crops.global_size == 224
   bad = train.build(tiny_config(**{**_overrides(config), 'init_from': path,
                                    'model.arch': 'vit_tiny'}))
   mngr = checkpointing.manager(str(tmp_path / 'w2'))
