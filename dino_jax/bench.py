@@ -4,8 +4,6 @@
       [--n-local 10]
       DINO multi-crop (2 x 224 + n_local x 96) images/s: the jitted on-device pipeline beside
       a PIL pipeline with the same ops run in this process on one core.
-  python -m dino_jax.bench step --config=configs/cpu.py [--steps 10]
-      compile time, step time, images/s and FLOPs (XLA cost analysis) of the train step.
   python -m dino_jax.bench data [--config configs/cpu.py] [--canvas 256] [--steps 40]
       [--data-dir ../shared/data]
       host JPEG decode + canvas resize images/s in one process (= per grain worker), on
@@ -14,8 +12,8 @@
       then the fraction of the train loop's wall time spent waiting for the next batch in
       the config's recipe, reading those JPEG files (folder:) and the npz arrays.
   python -m dino_jax.bench train --config=configs/bench_cpu.py [--steps 5] [--set F=V ...]
-      [--peak-tflops T] [--breakdown]
-      the same plus TFLOP/s per device, MFU against the device's peak (PEAK_TFLOPS table or
+      [--peak-tflops T] [--breakdown]     (`bench step` is the same command)
+      compile time, step time, images/s, FLOPs (XLA cost analysis), TFLOP/s per device, MFU against the device's peak (PEAK_TFLOPS table or
       --peak-tflops), peak device memory from the compiled memory analysis, and with
       --breakdown the time of augmentation, teacher forward and student forward+backward.
 """
@@ -143,35 +141,6 @@ def _parse_override(config, text: str):
   if isinstance(current, bool):
     return key, value == 'True'
   return key, type(current)(value)
-
-
-def bench_step(args) -> None:
-  from dino_jax import config_file, data, sharding, train  # pylint: disable=import-outside-toplevel
-  config = config_file.load(args.config)
-  config_file.override(config, dict(_parse_override(config, o) for o in args.set))
-  run = train.build(config)
-  state = train.init_state(run)
-  ds = data.train_dataset(run.train_source, canvas_size=config.data.canvas_size,
-                          global_batch=config.batch_size, seed=0)
-  batch = sharding.to_global(ds[0], run.mesh)
-  t0 = time.perf_counter()
-  compiled = run.step_fn.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  state, m = compiled(state, batch)
-  jax.block_until_ready(m)
-  t0 = time.perf_counter()
-  for _ in range(args.steps):
-    state, m = compiled(state, batch)
-  jax.block_until_ready(m)
-  step_s = (time.perf_counter() - t0) / args.steps
-  flops = float(cost.get('flops', 0.0))
-  print(f'step: {config.model.arch}/{config.model.patch_size}, batch {config.batch_size}, '
-        f'{jax.device_count()} x {jax.devices()[0].device_kind}, dtype {config.dtype}')
-  print(f'  compile {compile_s:.1f} s, step {step_s * 1e3:.1f} ms, '
-        f'{config.batch_size / step_s:.1f} images/s, {flops / 1e9:.1f} GFLOP/step, '
-        f'{flops / step_s / 1e12:.3f} TFLOP/s achieved')
 
 
 SHARED = os.path.normpath(os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data'))
@@ -396,11 +365,6 @@ def main() -> None:
   a.add_argument('--n-local', type=int, default=10)
   a.add_argument('--iters', type=int, default=3)
   a.add_argument('--pil-images', type=int, default=32)
-  s = sub.add_parser('step')
-  s.add_argument('--config', required=True)
-  s.add_argument('--steps', type=int, default=5)
-  s.add_argument('--set', nargs='*', default=[], metavar='FIELD=VALUE',
-                 help='config overrides, e.g. batch_size=16 data.source=digits')
   d = sub.add_parser('data')
   d.add_argument('--config', default='configs/cpu.py', help='the recipe for the wait share')
   d.add_argument('--canvas', type=int, default=256, help='canvas size for the decode rate')
@@ -408,7 +372,7 @@ def main() -> None:
   d.add_argument('--data-dir', default=SHARED, help='the shared data folder')
   d.add_argument('--set', nargs='*', default=[], metavar='FIELD=VALUE',
                  help='config overrides, e.g. data.worker_count=2')
-  t = sub.add_parser('train')
+  t = sub.add_parser('train', aliases=['step'])
   t.add_argument('--config', required=True)
   t.add_argument('--steps', type=int, default=5, help='timed steps (the median is reported)')
   t.add_argument('--warmup', type=int, default=1, help='untimed steps after compiling')
@@ -419,7 +383,7 @@ def main() -> None:
   t.add_argument('--breakdown', action='store_true',
                  help='also time augmentation, teacher forward and student fwd+bwd alone')
   args = parser.parse_args()
-  {'augment': bench_augment, 'step': bench_step, 'data': bench_data,
+  {'augment': bench_augment, 'step': bench_train, 'data': bench_data,
    'train': bench_train}[args.what](args)
 
 

@@ -56,3 +56,16 @@ def shared_data(name: str) -> pathlib.Path:
     pytest.skip(f'{path} is absent: the shared data folder (../shared/data beside the repo) '
                 f'is needed for this test')
   return path
+
+
+@pytest.fixture(scope='session')
+def digits_npz(tmp_path_factory):
+  """64 train / 40 test real images (scikit-learn digits) as an npz source."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  d = load_digits()
+  x = np.round(d.images * 255 / 16).astype(np.uint8)
+  path = tmp_path_factory.mktemp('data') / 'digits.npz'
+  np.savez(path, x_train=x[:64], y_train=d.target[:64], x_test=x[64:104],
+           y_test=d.target[64:104])
+  return str(path)

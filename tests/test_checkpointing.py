@@ -11,7 +11,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 
 import dino_jax
 from conftest import REPO, tiny_config
@@ -19,16 +18,6 @@ from dino_jax import augment, checkpointing, inference, sharding, train
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 LONG = {'epochs': 16, 'checkpoint_every': 32}  # 64 steps, one checkpoint half way
-
-
-@pytest.fixture(scope='module')
-def digits_npz(tmp_path_factory):
-  d = load_digits()
-  x = np.round(d.images * 255 / 16).astype(np.uint8)
-  path = tmp_path_factory.mktemp('data') / 'digits.npz'
-  np.savez(path, x_train=x[:64], y_train=d.target[:64], x_test=x[64:104],
-           y_test=d.target[64:104])
-  return str(path)
 
 
 @pytest.fixture(scope='module')

@@ -6,22 +6,10 @@ import sys
 import jax
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 
 from conftest import REPO, tiny_config
 from dino_jax import checkpointing, train
 from dino_jax.validate import ConfigError, validate
-
-
-@pytest.fixture(scope='module')
-def digits_npz(tmp_path_factory):
-  """64 train / 40 test real images (scikit-learn digits) as an npz source."""
-  d = load_digits()
-  x = np.round(d.images * 255 / 16).astype(np.uint8)
-  path = tmp_path_factory.mktemp('data') / 'digits.npz'
-  np.savez(path, x_train=x[:64], y_train=d.target[:64], x_test=x[64:104],
-           y_test=d.target[64:104])
-  return str(path)
 
 
 def read_metrics(workdir):
