@@ -414,7 +414,7 @@ def test_export_from_a_training_workdir(config, tmp_path):
   teacher = jax.tree.map(lambda p: p + 1.0, state.teacher_params)
   state = state.replace(teacher_params=teacher, center=jnp.full((1, 64), 0.5))
   mngr = checkpointing.manager(str(tmp_path / 'run'))
-  checkpointing.save(mngr, 7, state, config)
+  checkpointing.save(mngr, 7, state, config, {'next_step': 7})
   mngr.wait_until_finished()
   c = convert.from_workdir(str(tmp_path / 'run'))
   assert c.vit == dataclasses.replace(student.backbone.cfg, drop_path_rate=0.0)

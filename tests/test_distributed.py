@@ -124,7 +124,7 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
   assert checkpointing.latest_step(mngr) == STEPS
   abstract = checkpointing.abstract_with_shardings(jax.eval_shape(run.init_fn),
                                                    run.state_shardings)
-  restored, _ = checkpointing.restore(mngr, abstract)
+  restored = checkpointing.restore(mngr, abstract).state
   mngr.close()
   for a, b in zip(jax.tree.leaves(_without_key_bias(ref_state)),
                   jax.tree.leaves(_without_key_bias(restored))):

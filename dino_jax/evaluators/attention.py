@@ -176,13 +176,21 @@ def tensorboard_logger(run, writer):
   """f(teacher_params, step) that logs the teacher's attention maps of the first
   `config.attention_images` test images (train images without a test split) to TensorBoard;
   None when that is 0. Every process computes; process 0 writes."""
-  from dino_jax.data import to_canvas  # pylint: disable=import-outside-toplevel
+  from dino_jax.data.pipeline import try_canvas  # pylint: disable=import-outside-toplevel
   c = run.config
   n = c.get('attention_images', 0)
   source = run.test_source if run.test_source is not None else run.train_source
   if not n:
     return None
-  pairs = [to_canvas(source[i]['image'], c.data.canvas_size) for i in range(min(n, len(source)))]
+  pairs = []  # the first n readable images (any source: arrays, files, records)
+  for i in range(len(source)):
+    record, _ = try_canvas(lambda i=i: source[i], c.data.canvas_size)
+    if record is not None:
+      pairs.append((record['image'], record['hw']))
+    if len(pairs) == n:
+      break
+  if not pairs:
+    return None
   canvas, hw = (np.stack(x) for x in zip(*pairs))
   fn = make_attention_fn(run.teacher_def, size=c.crops.global_size,
                          crop_fraction=c.crops.eval_crop_fraction, dtype=jnp.dtype(c.dtype))
