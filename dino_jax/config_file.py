@@ -25,3 +25,26 @@ def override(config: ml_collections.ConfigDict, values: dict) -> ml_collections.
       node = node[p]
     node[leaf] = value
   return config
+
+
+DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'vit_s16.py')
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A run's config as a checkpoint saved it, with the fields that newer code added (absent
+  from older checkpoints) taken from the defaults in configs/vit_s16.py."""
+  if not os.path.exists(DEFAULTS):
+    return ml_collections.ConfigDict(saved)
+  config = load(DEFAULTS)
+
+  def merge(node, values):
+    for k, v in values.items():
+      if isinstance(v, dict) and k in node and isinstance(node[k], ml_collections.ConfigDict):
+        merge(node[k], v)
+      elif k in node:
+        node[k] = type(node[k])(v) if isinstance(node[k], tuple) else v
+      else:
+        node[k] = v
+  with config.unlocked():
+    merge(config, saved)
+  return config

@@ -20,11 +20,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from dino_jax import checkpointing, data, inference, models, sharding
+from dino_jax import checkpointing, config_file, data, inference, models, sharding
 from dino_jax.evaluators import attention as attention_lib
 from dino_jax.evaluators import features as features_lib
 from dino_jax.evaluators import knn as knn_lib
@@ -41,7 +40,7 @@ def load(args):
       saved = json.loads(_export_config(args.model))
     else:
       saved, _ = checkpointing.read_config(args.model, args.step)
-    config = ml_collections.ConfigDict(saved)
+    config = config_file.from_saved(saved)
     model = models.build(config, seed=config.seed, dtype=args.dtype or config.dtype)
     return model.backbone, config, f'{args.model} at initialisation (seed {config.seed})'
   model, config = inference.load_model(args.model, which=args.which, step=args.step,

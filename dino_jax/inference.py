@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx, serialization
 
-from dino_jax import augment, checkpointing, models
+from dino_jax import augment, checkpointing, config_file, models
 from dino_jax.data.pipeline import to_canvas
 from dino_jax.data.sources import as_rgb
 
@@ -49,7 +49,7 @@ def load_model(path: str, which: str = 'teacher', step: int | None = None, *,
       return _load_converted(path, dtype)
     return _load_exported(path, dtype)
   saved, step = checkpointing.read_config(path, step)
-  config = ml_collections.ConfigDict(saved)
+  config = config_file.from_saved(saved)
   graphdef, abstract = _network(config, dtype or config.dtype)
   params, _ = checkpointing.restore_params(path, abstract, which=which, step=step)
   network = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
@@ -60,7 +60,7 @@ def export(path: str, out: str, which: str = 'teacher', step: int | None = None)
   """Write the backbone of a checkpoint's teacher (or student) and its config to one msgpack
   file that `load_model(out)` reads back. Returns `out`."""
   saved, step = checkpointing.read_config(path, step)
-  config = ml_collections.ConfigDict(saved)
+  config = config_file.from_saved(saved)
   _, abstract = _network(config, config.dtype)
   params, _ = checkpointing.restore_params(path, abstract, which=which, step=step)
   blob = serialization.msgpack_serialize({
@@ -95,7 +95,7 @@ def _load_exported(path: str, dtype):
       raise ValueError(f'{path} is not a dino_jax export file ({type(e).__name__})') from None
   if not isinstance(blob, dict) or blob.get('format') != EXPORT_FORMAT:
     raise ValueError(f'{path} is not a dino_jax export file (format {EXPORT_FORMAT})')
-  config = ml_collections.ConfigDict(json.loads(blob['config']))
+  config = config_file.from_saved(json.loads(blob['config']))
   graphdef, abstract = _network(config, dtype or config.dtype)
   ref = abstract['backbone']
   params = blob['params']

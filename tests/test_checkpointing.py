@@ -288,3 +288,19 @@ def test_check_resumable_names_critical_fields_and_tolerates_new_ones():
                            r"'vit_small', this run 'vit_base'; seed: checkpoint 0, this run 1\)"):
     checkpointing.check_resumable(saved, {**newer, 'seed': 1,
                                           'model': {'arch': 'vit_base', 'out_dim': 10}}, 'W')
+
+
+def test_load_model_of_a_checkpoint_written_before_new_config_fields(tmp_path, trained):
+  """A checkpoint whose saved config lacks fields newer code added loads with their defaults."""
+  src, _, _ = trained
+  workdir = tmp_path / 'old'
+  shutil.copytree(src, workdir)
+  for cfg in workdir.glob('checkpoints/*/config/metadata'):
+    saved = json.loads(cfg.read_text())
+    del saved['model']['remat'], saved['model']['ffn']
+    cfg.write_text(json.dumps(saved))
+  model, config = dino_jax.load_model(str(workdir))
+  assert config.model.remat is False and config.model.ffn == 'mlp'
+  images = np.zeros((1, 16, 16, 3), np.float32)
+  reference, _ = dino_jax.load_model(src)
+  np.testing.assert_array_equal(np.asarray(model(images).cls), np.asarray(reference(images).cls))
