@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dino_jax import checkpointing, config_file, data, inference, models, sharding
+from dino_jax import checkpointing, data, inference, models, sharding
 from dino_jax.evaluators import attention as attention_lib
 from dino_jax.evaluators import features as features_lib
 from dino_jax.evaluators import knn as knn_lib
@@ -36,11 +36,7 @@ DEFAULT_LRS = (1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # official base lr: 
 def load(args):
   """(ViT backbone, config, description) as the common flags say."""
   if args.init:
-    if os.path.isfile(args.model):
-      saved = json.loads(_export_config(args.model))
-    else:
-      saved, _ = checkpointing.read_config(args.model, args.step)
-    config = config_file.from_saved(saved)
+    config = inference.read_config(args.model, args.step)
     model = models.build(config, seed=config.seed, dtype=args.dtype or config.dtype)
     return model.backbone, config, f'{args.model} at initialisation (seed {config.seed})'
   model, config = inference.load_model(args.model, which=args.which, step=args.step,
@@ -51,12 +47,6 @@ def load(args):
 
 def _step(args):
   return args.step if args.step is not None else checkpointing.read_config(args.model)[1]
-
-
-def _export_config(path):
-  from flax import serialization  # pylint: disable=import-outside-toplevel
-  with open(path, 'rb') as f:
-    return serialization.msgpack_restore(f.read())['config']
 
 
 def _labelled(source: str):

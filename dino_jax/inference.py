@@ -87,7 +87,8 @@ def _load_converted(path: str, dtype):
   return model, config
 
 
-def _load_exported(path: str, dtype):
+def _read_export(path: str) -> dict:
+  """The contents of a file written by `export`, checked to be one."""
   with open(path, 'rb') as f:
     try:
       blob = serialization.msgpack_restore(f.read())
@@ -95,9 +96,25 @@ def _load_exported(path: str, dtype):
       raise ValueError(f'{path} is not a dino_jax export file ({type(e).__name__})') from None
   if not isinstance(blob, dict) or blob.get('format') != EXPORT_FORMAT:
     raise ValueError(f'{path} is not a dino_jax export file (format {EXPORT_FORMAT})')
+  return blob
+
+
+def read_config(path: str, step: int | None = None) -> ml_collections.ConfigDict:
+  """The run config of a workdir, a checkpoint step directory or an exported file."""
+  if os.path.isfile(path):
+    saved = json.loads(_read_export(path)['config'])
+  else:
+    saved, _ = checkpointing.read_config(path, step)
+  return config_file.from_saved(saved)
+
+
+def _load_exported(path: str, dtype):
+  blob = _read_export(path)
   config = config_file.from_saved(json.loads(blob['config']))
-  graphdef, abstract = _network(config, dtype or config.dtype)
-  ref = abstract['backbone']
+  backbone = nnx.eval_shape(
+      lambda: models.build(config, teacher=True, dtype=dtype or config.dtype)).backbone
+  backbone_def, abstract = nnx.split(backbone)
+  ref = abstract.to_pure_dict()
   params = blob['params']
   got, want = jax.tree.structure(params), jax.tree.structure(ref)
   if got != want:
@@ -106,9 +123,6 @@ def _load_exported(path: str, dtype):
     if a.shape != b.shape:
       raise ValueError(f'{path}: {jax.tree_util.keystr(p)} has shape {a.shape}, the model '
                        f'expects {b.shape}')
-  backbone_def = nnx.graphdef(nnx.eval_shape(
-      lambda: models.build(config, teacher=True, dtype=dtype or config.dtype)).backbone)
-  del graphdef
   return nnx.merge(backbone_def, jax.tree.map(jnp.asarray, params)), config
 
 
