@@ -13,13 +13,14 @@
       the config's recipe, reading those JPEG files (folder:) and the npz arrays.
   python -m dino_jax.bench train --config=configs/bench_cpu.py [--steps 5] [--set F=V ...]
       [--peak-tflops T] [--breakdown]     (`bench step` is the same command)
-      compile time, step time, images/s, FLOPs (XLA cost analysis), TFLOP/s per device, MFU against the device's peak (PEAK_TFLOPS table or
+      compile time, step time, images/s, FLOPs (the traced step's matrix products), TFLOP/s per device, MFU against the device's peak (PEAK_TFLOPS table or
       --peak-tflops), peak device memory from the compiled memory analysis, and with
       --breakdown the time of augmentation, teacher forward and student forward+backward.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import random
@@ -27,6 +28,7 @@ import shutil
 import time
 
 import jax
+import jax.extend
 import numpy as np
 
 
@@ -103,7 +105,8 @@ def bench_augment(args) -> None:
   config = config_file.load(args.config)  # default: the official DINO crop settings
   config.crops.n_local = args.n_local
   cfg = augment.AugmentConfig.from_config(config)
-  fn = jax.jit(lambda k, c, s: augment.multicrop(k, c, s, cfg))
+  dtype = args.dtype or config.dtype
+  fn = jax.jit(lambda k, c, s: augment.multicrop(k, c, s, cfg, dtype))
   c_dev, hw_dev = jax.device_put(canvases), jax.device_put(hw)
   t0 = time.perf_counter()
   jax.block_until_ready(fn(jax.random.PRNGKey(0), c_dev, hw_dev))
@@ -113,6 +116,26 @@ def bench_augment(args) -> None:
     out = fn(jax.random.PRNGKey(i + 1), c_dev, hw_dev)
   jax.block_until_ready(out)
   jax_ips = args.batch * args.iters / (time.perf_counter() - t0)
+
+  parts = {}
+  if args.breakdown:  # the same crops with ops switched off, to see what each costs
+    no_blur = lambda specs: tuple(dataclasses.replace(c, blur_p=0.0) for c in specs)
+    plain = lambda specs: tuple(dataclasses.replace(c, blur_p=0.0, solarize_p=0.0)
+                                for c in specs)
+    variants = {
+        'crop + resize + flip only': dataclasses.replace(
+            cfg, global_crops=plain(cfg.global_crops), local_crops=plain(cfg.local_crops),
+            jitter_p=0.0, grayscale_p=0.0),
+        'all but blur': dataclasses.replace(cfg, global_crops=no_blur(cfg.global_crops),
+                                            local_crops=no_blur(cfg.local_crops))}
+    for name, variant in variants.items():
+      f = jax.jit(lambda k, c, s, v=variant: augment.multicrop(k, c, s, v, dtype))
+      jax.block_until_ready(f(jax.random.PRNGKey(0), c_dev, hw_dev))
+      t0 = time.perf_counter()
+      for i in range(args.iters):
+        out = f(jax.random.PRNGKey(i + 1), c_dev, hw_dev)
+      jax.block_until_ready(out)
+      parts[name] = args.batch * args.iters / (time.perf_counter() - t0)
 
   rng = random.Random(0)
   pil_images = [Image.fromarray(c[:s[0], :s[1]]) for c, s in zip(canvases, hw)]
@@ -124,8 +147,10 @@ def bench_augment(args) -> None:
   device = jax.devices()[0]
   cores = os.cpu_count() if device.platform == 'cpu' else None
   print(f'augment: 2x224 + {args.n_local}x96 crops from {args.canvas}px canvases, '
-        f'batch {args.batch}, device {device.device_kind} ({device.platform})')
+        f'batch {args.batch}, output {dtype}, device {device.device_kind} ({device.platform})')
   print(f'  jax (jit, on device): {jax_ips:8.1f} images/s  (compile {compile_s:.1f} s)')
+  for name, ips in parts.items():
+    print(f'    {name}: {ips:8.1f} images/s')
   print(f'  PIL (this process, 1 core): {pil_ips:8.1f} images/s')
   if cores:
     print(f'  jax per core ({cores} cores): {jax_ips / cores:8.1f} images/s = '
@@ -269,6 +294,34 @@ def _time(fn, *args, steps: int) -> tuple[float, float]:
   return first, (time.perf_counter() - t0) / steps
 
 
+def _dot_flops(jaxpr) -> float:
+  """2 * M * N * K summed over every matrix product of a jaxpr, sub-jaxprs included (scan
+  bodies times their length). Elementwise work is not counted, as usual for MFU."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      (contract, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+    times = eqn.params.get('length', 1) if eqn.primitive.name == 'scan' else 1
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      total += times * _dot_flops(sub)
+  return total
+
+
+def _model_flops(fn, *args) -> float:
+  """Matrix-product FLOPs of one call of fn, traced with XLA's attention (plain products, the
+  same count as any fused kernel)."""
+  os.environ['DINO_JAX_ATTENTION'], old = 'xla', os.environ.get('DINO_JAX_ATTENTION')
+  try:
+    return _dot_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+  finally:
+    if old is None:
+      del os.environ['DINO_JAX_ATTENTION']
+    else:
+      os.environ['DINO_JAX_ATTENTION'] = old
+
+
 def _breakdown(run, state, batch, steps: int) -> None:
   """Where a step's time goes: each part jitted and timed on its own."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
@@ -300,7 +353,7 @@ def _breakdown(run, state, batch, steps: int) -> None:
 
 def bench_train(args) -> None:
   """Compile time, step time, images/s, TFLOP/s, MFU and peak memory of the train step."""
-  from dino_jax import config_file, data, sharding, train  # pylint: disable=import-outside-toplevel
+  from dino_jax import augment, config_file, data, sharding, train  # pylint: disable=import-outside-toplevel
   config = config_file.load(args.config)
   config_file.override(config, dict(_parse_override(config, o) for o in args.set))
   run = train.build(config)
@@ -310,11 +363,17 @@ def bench_train(args) -> None:
                           process_index=jax.process_index(), process_count=jax.process_count())
   batch = sharding.to_global(ds[0], run.mesh)
   t0 = time.perf_counter()
-  compiled = run.step_fn.lower(state, batch).compile()
+  lowered = run.step_fn.lower(state, batch)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get('flops', 0.0))  # per device: the partitioned program's count
+  # FLOPs counted from the traced program's matrix products (XLA's cost analysis of the
+  # compiled program misses the cuBLAS/cuDNN calls on GPUs), split evenly over the devices;
+  # the augmentation's resampling products are counted apart and left out of MFU.
+  n_dev = jax.device_count()
+  aug = augment.AugmentConfig.from_config(config)
+  aug_flops = _model_flops(lambda k, c, hw: augment.multicrop(k, c, hw, aug, config.dtype),
+                           jax.random.PRNGKey(0), batch['image'], batch['hw']) / n_dev
+  model_flops = _model_flops(run.step_fn, state, batch) / n_dev - aug_flops
   mem = compiled.memory_analysis()
   for _ in range(args.warmup):
     state, m = compiled(state, batch)
@@ -327,8 +386,7 @@ def bench_train(args) -> None:
     times.append(time.perf_counter() - t0)
   step_s = float(np.median(times))
   device = jax.devices()[0]
-  n_dev = jax.device_count()
-  tflops = flops / step_s / 1e12
+  tflops = model_flops / step_s / 1e12
   peak = _peak_tflops(device.device_kind, config.dtype, args.peak_tflops)
   mfu = f'{100 * tflops / peak:.1f}% of {peak:.4g} TFLOP/s' if peak else \
       'n/a (unknown device peak: pass --peak-tflops)'
@@ -340,8 +398,9 @@ def bench_train(args) -> None:
   print(f'  compile {compile_s:.1f} s')
   print(f'  step {step_s * 1e3:.1f} ms (median of {args.steps}; min {min(times) * 1e3:.1f}, '
         f'max {max(times) * 1e3:.1f}), {config.batch_size / step_s:.1f} images/s')
-  print(f'  {flops / 1e9:.1f} GFLOP/step/device (XLA cost analysis), {tflops:.3f} TFLOP/s '
-        f'per device achieved, MFU {mfu}')
+  print(f'  {model_flops / 1e9:.1f} GFLOP/step/device for the model, loss and update + '
+        f'{aug_flops / 1e9:.1f} for augmentation (matrix products of the traced step)')
+  print(f'  {tflops:.3f} TFLOP/s per device achieved (model), MFU {mfu}')
   if mem is not None:
     peak_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes +
                   mem.temp_size_in_bytes - mem.alias_size_in_bytes)
@@ -365,6 +424,11 @@ def main() -> None:
   a.add_argument('--n-local', type=int, default=10)
   a.add_argument('--iters', type=int, default=3)
   a.add_argument('--pil-images', type=int, default=32)
+  a.add_argument('--dtype', default=None,
+                 help="crops' dtype (default: the config's compute dtype); 16-bit dtypes also "
+                      'run the resampling products in 16 bits')
+  a.add_argument('--breakdown', action='store_true',
+                 help='also time the same crops without blur, and with no photometric ops')
   d = sub.add_parser('data')
   d.add_argument('--config', default='configs/cpu.py', help='the recipe for the wait share')
   d.add_argument('--canvas', type=int, default=256, help='canvas size for the decode rate')

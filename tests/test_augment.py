@@ -231,3 +231,46 @@ def test_jitter_applies_each_op_once_in_the_drawn_order():
     for op_id in np.asarray(jax.random.permutation(kp, 4)):
       want = ops[op_id](want, f[op_id])
     np.testing.assert_allclose(augment.color_jitter(key, img, cfg), want, atol=1e-5)
+
+
+def test_resize_matrices_match_jax_scale_and_translate():
+  """Inside the image our bicubic matrices equal jax.image's Keys-cubic antialiased resize."""
+  img = to_float(real_images(1)[0])
+  for box, size in (((3, 5, 20, 24), 16), ((0, 0, 32, 32), 48), ((8, 2, 12, 9), 24)):
+    b = jnp.array(box, jnp.float32)
+    scale = jnp.stack([size / b[2], size / b[3]])
+    want = jax.image.scale_and_translate(img, (size, size, 3), (0, 1), scale, -b[:2] * scale,
+                                         method='cubic', antialias=True)
+    got = augment.resized_crop(img, jnp.array(box), size)
+    edge = 4  # the two resizers treat taps past the array's border differently
+    np.testing.assert_allclose(got[edge:-edge, edge:-edge], want[edge:-edge, edge:-edge],
+                               atol=1e-5)
+
+
+def test_resize_ignores_canvas_padding_and_flips_for_free():
+  """Pixels beyond the valid (h, w) never reach a crop, and flip mirrors the columns."""
+  img = real_images(1)[0]
+  canvas = np.zeros((48, 48, 3), np.uint8)
+  canvas[:32, :32] = img
+  noisy = canvas.copy()
+  noisy[32:], noisy[:, 32:] = 255, 7
+  box, hw = jnp.array([10, 12, 22, 20]), jnp.array([32, 32])
+  a = augment.resized_crop(canvas, box, 24, valid=hw)
+  np.testing.assert_allclose(augment.resized_crop(noisy, box, 24, valid=hw), a, atol=1e-4)
+  np.testing.assert_allclose(augment.resized_crop(img, box, 24), a, atol=1e-4)
+  np.testing.assert_allclose(augment.resized_crop(canvas, box, 24, valid=hw, flip=True),
+                             a[:, ::-1], atol=1e-4)
+
+
+def test_grouped_multicrop_equals_one_view_at_a_time():
+  """multicrop vmaps crops of one size together; each crop is still view() with its own key."""
+  imgs, hw = real_images(3), jnp.array([[32, 32], [30, 20], [32, 25]])
+  cfg = spec_config()
+  g, l = augment.multicrop(jax.random.PRNGKey(5), imgs, hw, cfg)
+  k_global, k_local = jax.random.split(jax.random.PRNGKey(5))
+  for out, key, specs in ((g, k_global, cfg.global_crops), (l, k_local, cfg.local_crops)):
+    for c, spec in enumerate(specs):
+      keys = jax.random.split(jax.random.fold_in(key, c), 3)
+      for b in range(3):
+        want = augment.normalize(augment.view(keys[b], imgs[b], hw[b], spec, cfg))
+        np.testing.assert_allclose(out[c * 3 + b], want, atol=1e-4)

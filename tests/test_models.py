@@ -162,3 +162,26 @@ def test_teacher_build_has_no_drop_path(config):
 def test_unknown_arch_is_rejected():
   with pytest.raises(ValueError, match='unknown arch'):
     vit_lib.ViTConfig.from_variant('vit_huge_typo', 16)
+
+
+@pytest.mark.parametrize('n,multiple', [(197, 8), (37, 64), (5, 2)])
+def test_padded_attention_equals_unpadded(n, multiple):
+  """The padding used to meet cuDNN's shape rules changes nothing: padded keys get no weight
+  and padded queries are dropped (checked here through XLA's kernel, the one CPUs have)."""
+  q, k, v = jax.random.normal(jax.random.PRNGKey(n), (3, 2, n, 3, 16))
+  ref = jax.nn.dot_product_attention(q, k, v, scale=0.25, implementation='xla')
+  out = vit_lib.padded_attention(q, k, v, 0.25, multiple, 'xla')
+  assert out.shape == ref.shape
+  np.testing.assert_allclose(out, ref, atol=2e-6)
+  grad = jax.grad(lambda q: vit_lib.padded_attention(q, k, v, 0.25, multiple, 'xla').sum())(q)
+  np.testing.assert_allclose(grad, jax.grad(lambda q: jax.nn.dot_product_attention(
+      q, k, v, scale=0.25).sum())(q), atol=2e-5)
+
+
+def test_attention_path_choice(monkeypatch):
+  assert vit_lib.attention_implementation(jnp.bfloat16) == 'xla'  # CPU: no cuDNN
+  monkeypatch.setenv('DINO_JAX_ATTENTION', 'cudnn')
+  assert vit_lib.attention_implementation(jnp.float32) == 'cudnn'
+  monkeypatch.setenv('DINO_JAX_ATTENTION', 'flash')
+  with pytest.raises(ValueError, match='DINO_JAX_ATTENTION'):
+    vit_lib.attention_implementation(jnp.float32)

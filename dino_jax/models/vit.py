@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -171,11 +172,51 @@ def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
+# Fused attention. On GPUs in 16-bit dtypes the cuDNN flash kernel is tried first; some
+# cuDNN/JAX versions refuse odd sequence lengths (ViT's 197 and 37 tokens) when training, so
+# tokens are padded to a multiple of ATTENTION_PAD with the padding masked out through
+# per-example sequence lengths. Wherever cuDNN refuses a shape, XLA's softmax(QK^T)V runs.
+# DINO_JAX_ATTENTION=xla|cudnn|auto (default auto) forces a path, e.g. to compare speeds.
+ATTENTION_PAD = (8, 64)
+
+
 def attention_implementation(dtype) -> str | None:
-  """'cudnn' (flash attention) on GPUs in 16-bit dtypes, else None (XLA's softmax(QK^T)V,
-  softmax in float32)."""
+  """'cudnn' on GPUs in 16-bit dtypes (unless DINO_JAX_ATTENTION=xla), else 'xla'."""
+  forced = os.environ.get('DINO_JAX_ATTENTION', 'auto')
+  if forced not in ('auto', 'xla', 'cudnn'):
+    raise ValueError(f'DINO_JAX_ATTENTION={forced!r}: expected auto, xla or cudnn')
+  if forced != 'auto':
+    return forced
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  return 'cudnn' if half and jax.default_backend() == 'gpu' else None
+  return 'cudnn' if half and jax.default_backend() == 'gpu' else 'xla'
+
+
+def padded_attention(q, k, v, scale: float, multiple: int, implementation: str):
+  """dot_product_attention over tokens padded to `multiple`; padded keys are masked out and
+  padded queries dropped, so the result equals unpadded attention."""
+  b, n = q.shape[:2]
+  pad = (-n) % multiple
+  if pad == 0:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+  widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+  q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
+  lengths = jnp.full((b,), n, jnp.int32)
+  out = jax.nn.dot_product_attention(q, k, v, scale=scale, query_seq_lengths=lengths,
+                                     key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return out[:, :n]
+
+
+def fused_attention(q, k, v, scale: float):
+  """softmax(q k^T * scale) v for (B, N, H, D) inputs through the fastest available kernel."""
+  if attention_implementation(q.dtype) == 'cudnn':
+    n = q.shape[1]
+    for multiple in (1,) + tuple(m for m in ATTENTION_PAD if n % m):
+      try:
+        return padded_attention(q, k, v, scale, multiple, 'cudnn')
+      except NotImplementedError:  # this cuDNN refuses the shape: try padding, then XLA
+        continue
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='xla')
 
 
 class Attention(nnx.Module):
@@ -191,8 +232,7 @@ class Attention(nnx.Module):
     qkv = self.qkv(x).reshape(b, n, 3, self.heads, hd)  # rows [q|k|v], head-major, as PyTorch
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if not return_attention:  # fused kernel where the platform has one (cuDNN on GPUs)
-      out = jax.nn.dot_product_attention(q, k, v, scale=hd ** -0.5,
-                                         implementation=attention_implementation(q.dtype))
+      out = fused_attention(q, k, v, hd ** -0.5)
       return self.proj(out.reshape(b, n, d)), None
     # The exact path that also returns the f32 softmax maps (visualisation).
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (hd ** -0.5)
