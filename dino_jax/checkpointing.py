@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 ITEMS = ('state', 'data', 'config')
@@ -32,8 +33,19 @@ class CheckpointMismatchError(ValueError):
   pass
 
 
+def is_remote(path: str) -> bool:
+  """gs://, s3:// ... paths (orbax and etils.epath read and write them; os.path must not)."""
+  return '://' in str(path)
+
+
+def absolute(path: str) -> str:
+  """Local paths made absolute; bucket URLs kept as they are (os.path.abspath would turn
+  gs://b/run into ./gs:/b/run, a local folder that vanishes with the VM)."""
+  return str(path) if is_remote(path) else os.path.abspath(path)
+
+
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return os.path.join(absolute(workdir), 'checkpoints')
 
 
 def manager(workdir: str, keep: int = 3, keep_every: int = 0,
@@ -105,11 +117,11 @@ def restore_latest(workdir: str, mngr: ocp.CheckpointManager, abstract_state,
 
 
 def _set_aside(path: str) -> None:
-  if jax.process_index() == 0 and os.path.exists(path):
+  if jax.process_index() == 0 and epath.Path(path).exists():
     target = path + '.damaged'
-    if os.path.exists(target):
+    if epath.Path(target).exists():
       target += f'.{int(time.time())}'
-    os.rename(path, target)
+    epath.Path(path).rename(target)
   multihost_utils.sync_global_devices(f'set aside {path}')
 
 
@@ -142,13 +154,14 @@ def check_resumable(saved: dict, current: dict, workdir: str) -> None:
 
 def _open(path: str, step: int | None) -> tuple[ocp.CheckpointManager, int]:
   """A read-only manager and a step for a workdir or a WORKDIR/checkpoints/<step> path."""
-  path = os.path.abspath(path)
-  base = os.path.basename(path.rstrip('/'))
-  if base.isdigit() and os.path.isdir(os.path.join(path, 'state')):
+  path = absolute(path).rstrip('/')
+  base = os.path.basename(path)
+  is_dir = lambda p: epath.Path(p).is_dir()
+  if base.isdigit() and is_dir(os.path.join(path, 'state')):
     root, step = os.path.dirname(path), int(base) if step is None else step
-  elif os.path.isdir(os.path.join(path, 'checkpoints')):
+  elif is_dir(os.path.join(path, 'checkpoints')):
     root = os.path.join(path, 'checkpoints')
-  elif base == 'checkpoints' and os.path.isdir(path):
+  elif base == 'checkpoints' and is_dir(path):
     root = path
   else:
     raise FileNotFoundError(f'{path} is neither a dino_jax workdir nor a checkpoint step '

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import ml_collections
+from etils import epath
 from flax import nnx
 
 from dino_jax import augment, checkpointing, data, distributed, models, optim, sharding
@@ -29,13 +30,21 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class MetricWriter:
-  """metrics.jsonl + TensorBoard + stdout, written by process 0 only."""
+  """metrics.jsonl + TensorBoard + stdout, written by process 0 only.
+
+  Local workdirs append to metrics.jsonl; bucket workdirs (gs://...), whose objects cannot be
+  appended to, rewrite it whole at each write (it stays small: one line per logged step).
+  """
 
   def __init__(self, workdir: str):
     self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = epath.Path(workdir) / 'metrics.jsonl'
+    self.remote = checkpointing.is_remote(workdir)
+    self.lines = []
     self.tb = None
     if self.active:
+      if self.remote and self.path.exists():
+        self.lines = self.path.read_text().splitlines(keepends=True)
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
@@ -43,8 +52,12 @@ class MetricWriter:
     if not self.active:
       return
     line = {'step': int(step), **{k: float(v) for k, v in values.items()}}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(line) + '\n')
+    if self.remote:
+      self.lines.append(json.dumps(line) + '\n')
+      self.path.write_text(''.join(self.lines))
+    else:
+      with self.path.open('a') as f:
+        f.write(json.dumps(line) + '\n')
     for k, v in values.items():
       self.tb.add_scalar(k, float(v), int(step))
     self.tb.flush()
@@ -219,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   SIGTERM (a preempted TPU VM) saves a checkpoint at the next step boundary and returns.
   """
   run = build(config)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   writer = MetricWriter(workdir)
   mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints,
                                keep_every=config.keep_checkpoint_every)

@@ -41,7 +41,7 @@ case "$cmd" in
   setup)
     gcloud compute tpus tpu-vm scp --recurse --zone="$ZONE" --worker=all \
       dino_jax configs launch setup.cfg pyproject.toml README.md "$TPU_NAME":~/dino_jax/
-    ssh_all "cd ~/dino_jax && python3 -m pip install -U 'jax[tpu]' && python3 -m pip install -e ." ;;
+    ssh_all "cd ~/dino_jax && python3 -m pip install -U 'jax[tpu]' && python3 -m pip install -e '.[gcs]'" ;;
   train)
     : "${BUCKET:?set BUCKET (gs://...) for checkpoints}"
     data_dir=${TFDS_DATA_DIR:-$BUCKET/tensorflow_datasets}

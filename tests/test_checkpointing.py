@@ -304,3 +304,23 @@ def test_load_model_of_a_checkpoint_written_before_new_config_fields(tmp_path, t
   images = np.zeros((1, 16, 16, 3), np.float32)
   reference, _ = dino_jax.load_model(src)
   np.testing.assert_array_equal(np.asarray(model(images).cls), np.asarray(reference(images).cls))
+
+
+def test_bucket_workdirs_keep_their_scheme(tmp_path, monkeypatch):
+  """gs:// workdirs must reach orbax as URLs (os.path.abspath made them ./gs:/..., a local
+  folder lost with the VM); bucket objects cannot be appended to, so metrics.jsonl is
+  rewritten whole there, keeping the lines of the run being resumed."""
+  assert checkpointing.checkpoint_dir('gs://bucket/run') == 'gs://bucket/run/checkpoints'
+  assert checkpointing.checkpoint_dir('rel/run') == os.path.abspath('rel/run/checkpoints')
+  monkeypatch.setattr(checkpointing, 'is_remote', lambda path: True)
+  w = train.MetricWriter(str(tmp_path))
+  assert w.remote
+  w.write(1, {'loss': 2.0})
+  w.write(2, {'loss': 1.5})
+  w.close()
+  w = train.MetricWriter(str(tmp_path))  # a resumed run
+  w.write(3, {'loss': 1.0})
+  w.close()
+  lines = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [l['step'] for l in lines] == [1, 2, 3]
+  assert lines[-1]['loss'] == 1.0
