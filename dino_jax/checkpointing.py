@@ -238,7 +238,24 @@ class PreemptionWatch:
       self._previous = None
 
 
-def abstract_with_shardings(tree, shardings):
+def check_fits(loaded, model_tree, what: str) -> None:
+  """Raise CheckpointMismatchError unless `loaded` (arrays from a file) has the tree structure
+  and the shapes of `model_tree` (the model's arrays or ShapeDtypeStructs); `what` names the
+  source in the message."""
+  if jax.tree.structure(loaded) != jax.tree.structure(model_tree):
+    raise CheckpointMismatchError(f'{what}: the parameter tree does not fit the model')
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(loaded)[0],
+                          jax.tree.leaves(model_tree)):
+    if np.shape(a) != tuple(b.shape):
+      raise CheckpointMismatchError(f'{what}: {jax.tree_util.keystr(path)} is {np.shape(a)}, '
+                                    f'the model has {tuple(b.shape)}')
+
+
+def abstract_with_shardings(tree, shardings=None):
+  """ShapeDtypeStructs of `tree` carrying `shardings` (default: each array's own), the
+  targets that orbax restores onto."""
+  if shardings is None:
+    shardings = jax.tree.map(lambda x: x.sharding, tree)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
 

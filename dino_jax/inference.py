@@ -116,13 +116,7 @@ def _load_exported(path: str, dtype):
   backbone_def, abstract = nnx.split(backbone)
   ref = abstract.to_pure_dict()
   params = blob['params']
-  got, want = jax.tree.structure(params), jax.tree.structure(ref)
-  if got != want:
-    raise ValueError(f'{path}: parameter tree does not match the model of its config')
-  for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(ref)):
-    if a.shape != b.shape:
-      raise ValueError(f'{path}: {jax.tree_util.keystr(p)} has shape {a.shape}, the model '
-                       f'expects {b.shape}')
+  checkpointing.check_fits(params, ref, f'{path} (against the model of its own config)')
   return nnx.merge(backbone_def, jax.tree.map(jnp.asarray, params)), config
 
 

@@ -181,7 +181,8 @@ def _start_state(run: Run, workdir: str, mngr):
     params = {}
     for which, key in (('student', 'params'), ('teacher', 'teacher_params')):
       params[key], step = checkpointing.restore_params(
-          config.init_from, abstract_shardings(getattr(state, key)), which=which)
+          config.init_from, checkpointing.abstract_with_shardings(getattr(state, key)),
+          which=which)
     state = state.replace(**params)
     print(f'dino_jax: initialised student and teacher from {config.init_from} (step {step})',
           flush=True)
@@ -197,16 +198,8 @@ def _init_from_converted(state, path: str):
   if c.head is not None:
     parts['head'] = c.head
   def put(current, new, name):
-    got = jax.tree.structure(new)
-    if got != jax.tree.structure(current):
-      raise checkpointing.CheckpointMismatchError(
-          f'config.init_from: the {name} in {path} does not fit config.model (convert shows the '
-          f'architecture it read; set model.* to match)')
-    for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(current)[0], jax.tree.leaves(new)):
-      if a.shape != np.shape(b):
-        raise checkpointing.CheckpointMismatchError(
-            f'config.init_from: {name}{jax.tree_util.keystr(p)} is {np.shape(b)} in {path}, '
-            f'the model has {a.shape}')
+    checkpointing.check_fits(new, current, f'config.init_from: the {name} in {path} (convert '
+                                           f'shows the architecture it read; set model.* to match)')
     return jax.tree.map(lambda a, b: jax.device_put(np.asarray(b, a.dtype), a.sharding),
                         current, new)
   student, teacher = dict(state.params), dict(state.teacher_params)
@@ -219,11 +212,6 @@ def _init_from_converted(state, path: str):
   print(f'dino_jax: initialised student and teacher ({", ".join(parts)}) from {path}',
         flush=True)
   return state
-
-
-def abstract_shardings(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      tree)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):

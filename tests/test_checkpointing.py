@@ -2,6 +2,7 @@
 config mismatches, retention, restore onto fewer devices, init_from, load_model and export."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -324,3 +325,14 @@ def test_bucket_workdirs_keep_their_scheme(tmp_path, monkeypatch):
   lines = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [l['step'] for l in lines] == [1, 2, 3]
   assert lines[-1]['loss'] == 1.0
+
+
+def test_check_fits_names_the_first_misfit():
+  model = {'a': jax.ShapeDtypeStruct((2, 3), np.float32), 'b': {'c': np.zeros(4)}}
+  checkpointing.check_fits({'a': np.ones((2, 3)), 'b': {'c': np.ones(4)}}, model, 'F')
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=re.escape("F: ['b']['c'] is (5,), the model has (4,)")):
+    checkpointing.check_fits({'a': np.ones((2, 3)), 'b': {'c': np.ones(5)}}, model, 'F')
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match='F: the parameter tree does not fit the model'):
+    checkpointing.check_fits({'a': np.ones((2, 3))}, model, 'F')
