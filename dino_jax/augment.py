@@ -132,8 +132,10 @@ def resized_crop(image, box, size: int, valid=None, flip=False, dtype=jnp.float3
   """Crop `box` (top, left, height, width) from an HWC image and resize it to size x size
   (float32): two matrix products, bicubic and antialiased when shrinking. `valid` (h, w) bounds
   the real pixels (default: the whole array); `flip` mirrors the result horizontally for free
-  (the column matrix's rows are reversed). The products run in `dtype` (bfloat16 holds uint8
-  values exactly) and accumulate in float32."""
+  (the column matrix's rows are reversed). The products run in `dtype` and accumulate in
+  float32; in bfloat16 the uint8 inputs are exact but the weights and the intermediate rows are
+  rounded: against float32 up to 1.3 levels of 255 off, which is the output's own bfloat16
+  resolution. As PIL's resize(box=...), taps just outside the box (inside the image) count."""
   box = box.astype(jnp.float32)
   h, w = image.shape[:2]
   valid = jnp.array([h, w], jnp.float32) if valid is None else jnp.asarray(valid, jnp.float32)
@@ -224,8 +226,6 @@ def gaussian_blur(img, sigma, max_sigma: float = 2.0, radius: int = 0):
   for axis, n in ((0, hgt), (1, wid)):
     pad = [(0, 0)] * img.ndim
     pad[axis] = (radius, radius)
-    # The barrier makes XLA materialise the input once instead of fusing (recomputing) the
-    # whole colour pipeline into each of the 2 * radius + 1 taps.
     padded = jnp.pad(img, pad, mode='edge')
     img = sum(weights[i] * jax.lax.slice_in_dim(padded, i, i + n, axis=axis)
               for i in range(2 * radius + 1))
@@ -312,7 +312,7 @@ def crops(key, canvas, hw, specs: tuple[CropSpec, ...], cfg: AugmentConfig, dtyp
   large matrix product per group; their blur and solarize probabilities travel as arrays.
   """
   b = canvas.shape[0]
-  canvas = canvas.astype(_resample_dtype(dtype))  # uint8 values are exact in bfloat16
+  canvas = canvas.astype(_resample_dtype(dtype))  # exact: bfloat16 holds 0..255
   out, first = [], 0
   while first < len(specs):
     spec = specs[first]

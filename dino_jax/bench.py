@@ -311,8 +311,11 @@ def _dot_flops(jaxpr) -> float:
 
 def _model_flops(fn, *args) -> float:
   """Matrix-product FLOPs of one call of fn, traced with XLA's attention (plain products, the
-  same count as any fused kernel)."""
+  same count as any fused kernel). JAX's trace caches do not see the environment, so they are
+  cleared around this trace: a step already lowered with cuDNN attention would otherwise be
+  reused, without its attention products. With remat, the recomputed forward is counted too."""
   os.environ['DINO_JAX_ATTENTION'], old = 'xla', os.environ.get('DINO_JAX_ATTENTION')
+  jax.clear_caches()
   try:
     return _dot_flops(jax.make_jaxpr(fn)(*args).jaxpr)
   finally:
@@ -320,6 +323,7 @@ def _model_flops(fn, *args) -> float:
       del os.environ['DINO_JAX_ATTENTION']
     else:
       os.environ['DINO_JAX_ATTENTION'] = old
+    jax.clear_caches()
 
 
 def _breakdown(run, state, batch, steps: int) -> None:

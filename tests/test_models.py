@@ -185,3 +185,69 @@ def test_attention_path_choice(monkeypatch):
   monkeypatch.setenv('DINO_JAX_ATTENTION', 'flash')
   with pytest.raises(ValueError, match='DINO_JAX_ATTENTION'):
     vit_lib.attention_implementation(jnp.float32)
+
+
+def _picky_cudnn(monkeypatch, refuse):
+  """Stand-in for jax.nn.dot_product_attention whose 'cudnn' path, like cuDNN's, refuses some
+  shapes only in its training forward rule; it computes with XLA otherwise."""
+  real = jax.nn.dot_product_attention
+
+  def fake(q, k, v, *, scale=None, implementation=None, query_seq_lengths=None,
+           key_value_seq_lengths=None):
+    xla = lambda q, k, v, ql, kl: real(q, k, v, scale=scale, query_seq_lengths=ql,
+                                       key_value_seq_lengths=kl, implementation='xla')
+    if implementation != 'cudnn':
+      return xla(q, k, v, query_seq_lengths, key_value_seq_lengths)
+    full = jnp.full((q.shape[0],), q.shape[1], jnp.int32)
+    ql = full if query_seq_lengths is None else query_seq_lengths
+    kl = full if key_value_seq_lengths is None else key_value_seq_lengths
+
+    @jax.custom_vjp
+    def attn(q, k, v, ql, kl):
+      return xla(q, k, v, ql, kl)
+
+    def fwd(q, k, v, ql, kl):
+      if refuse(q.shape[1]):
+        raise NotImplementedError(f'Unsupported sequence length Q {q.shape[1]}')
+      return jax.vjp(lambda q, k, v: xla(q, k, v, ql, kl), q, k, v)
+
+    attn.defvjp(fwd, lambda vjp, g: (*vjp(g), None, None))
+    return attn(q, k, v, ql, kl)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', fake)
+  monkeypatch.setattr(vit_lib, 'attention_implementation', lambda dtype: 'cudnn')
+  vit_lib._cudnn_padding.cache_clear()  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize('wrap', ['plain', 'remat', 'scan'])
+def test_cudnn_refusal_in_training_pads_or_falls_back(monkeypatch, wrap):
+  """cuDNN refusing odd lengths only in the gradient's forward rule (which under remat or scan
+  runs outside the model's own code) still picks a padding it accepts; refusing every
+  length falls back to XLA; the gradients equal XLA's throughout."""
+  q = jax.random.normal(jax.random.PRNGKey(0), (2, 37, 2, 8))
+
+  def grad_of(fn):
+    attn = lambda q: jnp.sum(jnp.sin(fn(q, q, q, 0.3)))
+    if wrap == 'remat':
+      attn = jax.checkpoint(attn)
+    if wrap == 'scan':
+      one = attn
+      attn = lambda q: jax.lax.scan(lambda c, _: (c + one(q), None), 0.0, None, length=2)[0]
+    return jax.jit(jax.grad(attn))(q)
+
+  want = grad_of(lambda q, k, v, s: jax.nn.dot_product_attention(q, k, v, scale=s))
+  _picky_cudnn(monkeypatch, refuse=lambda n: n % 8 != 0)
+  np.testing.assert_allclose(grad_of(vit_lib.fused_attention), want, atol=1e-5)
+  assert vit_lib._cudnn_padding((2, 37, 2, 8), jnp.dtype(jnp.float32))[0] == 8  # pylint: disable=protected-access
+  _picky_cudnn(monkeypatch, refuse=lambda n: True)
+  np.testing.assert_allclose(grad_of(vit_lib.fused_attention), want, atol=1e-5)
+  assert vit_lib._cudnn_padding((2, 37, 2, 8), jnp.dtype(jnp.float32))[0] is None  # pylint: disable=protected-access
+
+
+def test_forced_cudnn_without_cudnn_is_a_clear_error(monkeypatch):
+  monkeypatch.setenv('DINO_JAX_ATTENTION', 'cudnn')
+  vit_lib._cudnn_padding.cache_clear()  # pylint: disable=protected-access
+  q = jnp.ones((1, 5, 1, 8), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r'DINO_JAX_ATTENTION=cudnn, but cuDNN takes no '
+                                       r'attention over \(1, 5, 1, 8\) bfloat16'):
+    vit_lib.fused_attention(q, q, q, 0.5)

@@ -15,6 +15,7 @@ output size, PyTorch's antialiased bicubic).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import NamedTuple
@@ -172,19 +173,27 @@ def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
-# Fused attention. On GPUs in 16-bit dtypes the cuDNN flash kernel is tried first; some
-# cuDNN/JAX versions refuse odd sequence lengths (ViT's 197 and 37 tokens) when training, so
-# tokens are padded to a multiple of ATTENTION_PAD with the padding masked out through
-# per-example sequence lengths. Wherever cuDNN refuses a shape, XLA's softmax(QK^T)V runs.
+# Fused attention. On GPUs in 16-bit dtypes the cuDNN flash kernel is used where it accepts
+# the shape; some cuDNN/JAX versions refuse odd sequence lengths (ViT's 197 and 37 tokens) when
+# training, so tokens are padded to a multiple of ATTENTION_PAD with the padding masked out
+# through per-example sequence lengths. Which padding cuDNN accepts is found once per shape by
+# tracing its gradient apart (`_cudnn_padding`): a refusal raised inside the step's own trace
+# could surface outside any try (under remat or scan the forward rule runs later). Where cuDNN
+# accepts no padding, or is missing, XLA's softmax(QK^T)V runs.
 # DINO_JAX_ATTENTION=xla|cudnn|auto (default auto) forces a path, e.g. to compare speeds.
 ATTENTION_PAD = (8, 64)
 
 
-def attention_implementation(dtype) -> str | None:
-  """'cudnn' on GPUs in 16-bit dtypes (unless DINO_JAX_ATTENTION=xla), else 'xla'."""
+def _forced_attention() -> str:
   forced = os.environ.get('DINO_JAX_ATTENTION', 'auto')
   if forced not in ('auto', 'xla', 'cudnn'):
     raise ValueError(f'DINO_JAX_ATTENTION={forced!r}: expected auto, xla or cudnn')
+  return forced
+
+
+def attention_implementation(dtype) -> str:
+  """'cudnn' on GPUs in 16-bit dtypes (unless DINO_JAX_ATTENTION=xla), else 'xla'."""
+  forced = _forced_attention()
   if forced != 'auto':
     return forced
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -207,15 +216,32 @@ def padded_attention(q, k, v, scale: float, multiple: int, implementation: str):
   return out[:, :n]
 
 
+@functools.lru_cache(maxsize=None)
+def _cudnn_padding(shape: tuple[int, ...], dtype) -> tuple[int | None, str]:
+  """(the first padding multiple, of 1 and ATTENTION_PAD, for which cuDNN traces attention
+  over (B, N, H, D) inputs of `shape` with its gradient, or None; the last refusal)."""
+  x = jax.ShapeDtypeStruct(shape, dtype)
+  refusal = ''
+  for multiple in (1,) + tuple(m for m in ATTENTION_PAD if shape[1] % m):
+    loss = lambda q, k, v, m=multiple: padded_attention(q, k, v, 1.0, m, 'cudnn').astype(
+        jnp.float32).sum()
+    try:
+      jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), x, x, x)
+      return multiple, ''
+    except (NotImplementedError, RuntimeError, ValueError) as e:  # refused, or no cuDNN
+      refusal = f'{type(e).__name__}: {e}'.splitlines()[0]
+  return None, refusal
+
+
 def fused_attention(q, k, v, scale: float):
   """softmax(q k^T * scale) v for (B, N, H, D) inputs through the fastest available kernel."""
   if attention_implementation(q.dtype) == 'cudnn':
-    n = q.shape[1]
-    for multiple in (1,) + tuple(m for m in ATTENTION_PAD if n % m):
-      try:
-        return padded_attention(q, k, v, scale, multiple, 'cudnn')
-      except NotImplementedError:  # this cuDNN refuses the shape: try padding, then XLA
-        continue
+    multiple, refusal = _cudnn_padding(tuple(q.shape), jnp.dtype(q.dtype))
+    if multiple is not None:
+      return padded_attention(q, k, v, scale, multiple, 'cudnn')
+    if _forced_attention() == 'cudnn':
+      raise ValueError(f'DINO_JAX_ATTENTION=cudnn, but cuDNN takes no attention over '
+                       f'{tuple(q.shape)} {q.dtype} ({refusal}); unset it to fall back to XLA')
   return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='xla')
 
 
