@@ -492,8 +492,8 @@ def main(argv: list[str] | None = None) -> int:
             + (f', center {c.center.shape}' if c.center is not None else '')
             + (f'; left out {len(c.ignored)} keys ({c.ignored[0]} ...)' if c.ignored else ''))
     else:
-      c = from_workdir(args.src, args.step) if os.path.isdir(args.src) else load_converted(
-          args.src)
+      is_workdir = os.path.isdir(args.src) or '://' in args.src  # local or gs:// workdir
+      c = from_workdir(args.src, args.step) if is_workdir else load_converted(args.src)
       sd = export(c.backbone, args.dst, c.head if args.with_head else None,
                   c.head_config.nlayers if c.head_config else 3)
       print(f'{args.src} -> {args.dst}: {len(sd)} tensors in the official layout')

@@ -86,8 +86,10 @@ def validate(config, n_devices: int | None = None) -> None:
          f'must be positive, got {config.keep_checkpoints}')
   _check(config.keep_checkpoint_every >= 0, 'keep_checkpoint_every',
          f'must be >= 0, got {config.keep_checkpoint_every}')
-  _check(not config.init_from or os.path.isdir(config.init_from) or
+  remote_dir = '://' in config.init_from and not config.init_from.endswith('.safetensors')
+  _check(not config.init_from or remote_dir or os.path.isdir(config.init_from) or
          (config.init_from.endswith('.safetensors') and os.path.isfile(config.init_from)),
          'init_from', f'{config.init_from!r} is neither a directory (a workdir or '
-         f'WORKDIR/checkpoints/<step>) nor a .safetensors file from dino_jax.convert')
+         f'WORKDIR/checkpoints/<step>, local or gs://) nor a local .safetensors file from '
+         f'dino_jax.convert')
   _check(config.knn.k > 0, 'knn.k', f'must be positive, got {config.knn.k}')

@@ -71,6 +71,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits_n
     ('data.source', 'ftp:somewhere', 'config.data.source'),
     ('crops.global_scale', (0.5, 1.5), 'config.crops.global_scale'),
     ('dtype', 'float8', 'config.dtype'),
+    ('init_from', '/no/such/run', "config.init_from: '/no/such/run' is neither"),
+    ('init_from', 'gs://bucket/w.safetensors', 'config.init_from'),
 ])
 def test_config_errors_name_the_field(field, value, message):
   config = tiny_config(**{field: value})
@@ -78,6 +80,11 @@ def test_config_errors_name_the_field(field, value, message):
     validate(config, n_devices=8)
   assert str(e.value).startswith(message)
   assert '\n' not in str(e.value)
+
+
+def test_bucket_init_from_passes_validation():
+  """A gs:// workdir cannot be checked from here without its filesystem: restore reads it."""
+  validate(tiny_config(**{'init_from': 'gs://bucket/run'}), n_devices=8)
 
 
 def test_cli_reports_config_error_before_compiling(tmp_path):
