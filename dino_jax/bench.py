@@ -296,16 +296,21 @@ def _time(fn, *args, steps: int) -> tuple[float, float]:
 
 def _dot_flops(jaxpr) -> float:
   """2 * M * N * K summed over every matrix product of a jaxpr, sub-jaxprs included (scan
-  bodies times their length). Elementwise work is not counted, as usual for MFU."""
+  bodies times their length, the costliest branch of a cond). Elementwise work is not
+  counted, as usual for MFU."""
   total = 0.0
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == 'dot_general':
       (contract, _), _ = eqn.params['dimension_numbers']
       lhs = eqn.invars[0].aval.shape
       total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
-    times = eqn.params.get('length', 1) if eqn.primitive.name == 'scan' else 1
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      total += times * _dot_flops(sub)
+    subs = [_dot_flops(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params)]
+    if eqn.primitive.name == 'cond':  # one branch runs: count the costliest
+      total += max(subs, default=0.0)
+    elif eqn.primitive.name == 'scan':
+      total += eqn.params['length'] * sum(subs)
+    else:  # jit, custom_vjp, remat ...; a while loop's body counts once (its trip count is dynamic)
+      total += sum(subs)
   return total
 
 

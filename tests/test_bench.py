@@ -23,6 +23,9 @@ def test_dot_flops_counts_2mnk_through_jit_grad_and_scan():
     return c @ jnp.ones((16, 16)), None
   scanned = lambda c: jax.lax.scan(body, c, None, length=5)[0]
   assert bench._model_flops(scanned, jnp.ones((8, 16))) == 5 * 2 * 8 * 16 * 16  # pylint: disable=protected-access
+  # one branch of a cond runs: the costlier one is counted, not both
+  branchy = lambda p, x: jax.lax.cond(p, lambda x: x @ w, lambda x: (x @ w) @ w.T @ w, x)
+  assert bench._model_flops(branchy, True, x) == fwd + 2 * 8 * 32 * 16 + fwd  # pylint: disable=protected-access
 
 
 def test_attention_is_counted_as_plain_products(monkeypatch):
