@@ -22,12 +22,8 @@ import jax.numpy as jnp
 import optax
 
 from dino_jax.models.vit import VARIANTS
+from dino_jax.sharding import path_name
 from dino_jax.schedules import Schedules
-
-
-def path_name(path) -> str:
-  """'backbone/blocks/0/attn/qkv/kernel' for a jax tree path."""
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
 
 
 def param_names(params) -> Any:
