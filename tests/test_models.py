@@ -114,6 +114,22 @@ def test_layernorm_eps_and_exact_gelu():
   np.testing.assert_allclose(mlp(x), want, rtol=1e-5, atol=1e-6)
 
 
+def test_gelu_matches_erfc_form_and_its_gradient():
+  """vit.gelu (erf form, hand-written derivative) is jax.nn.gelu's exact GELU, value and
+  gradient, over the tails too; it keeps the input dtype."""
+  x = jnp.linspace(-12.0, 12.0, 20001)
+  np.testing.assert_allclose(vit_lib.gelu(x), jax.nn.gelu(x, approximate=False), atol=2e-6)
+  grad = jax.vmap(jax.grad(vit_lib.gelu))(x)
+  want = jax.vmap(jax.grad(lambda t: jax.nn.gelu(t, approximate=False)))(x)
+  np.testing.assert_allclose(grad, want, atol=2e-6)
+  # the derivative at a few points by formula: Phi(x) + x phi(x)
+  for t in (-2.0, 0.0, 0.5, 3.0):
+    phi = math.exp(-t * t / 2) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1 + math.erf(t / math.sqrt(2)))
+    np.testing.assert_allclose(jax.grad(vit_lib.gelu)(t), cdf + t * phi, rtol=1e-5)
+  assert vit_lib.gelu(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
 def test_drop_path_rates_and_behaviour():
   model = small_vit(drop_path_rate=0.2)
   np.testing.assert_allclose([b.drop_path_rate for b in model.blocks], [0.0, 0.1, 0.2])
@@ -123,10 +139,30 @@ def test_drop_path_rates_and_behaviour():
   b = model(x, key=jax.random.PRNGKey(1)).cls
   assert not np.allclose(a, b)
   # drop_path itself: about rate of the rows zeroed, survivors scaled by 1/keep
-  y = vit_lib.drop_path(jnp.ones((4000, 3)), 0.25, jax.random.PRNGKey(2))
+  y = vit_lib.drop_path(jnp.ones((4000, 3)), 0.25,
+                        jax.random.uniform(jax.random.PRNGKey(2), (4000,)))
   zero = np.all(np.asarray(y) == 0, axis=1)
   assert abs(zero.mean() - 0.25) < 0.03
   np.testing.assert_allclose(np.asarray(y)[~zero], 1 / 0.75, rtol=1e-6)
+
+
+def test_drop_path_draws_differ_per_block_and_branch(monkeypatch):
+  """One random call serves the whole forward: each block's two branches still get their own
+  (B,) uniforms, distinct from every other branch's."""
+  seen = []
+  real = vit_lib.drop_path
+
+  def spy(x, rate, noise):
+    if noise is not None:
+      seen.append(np.asarray(noise))
+    return real(x, rate, noise)
+
+  monkeypatch.setattr(vit_lib, 'drop_path', spy)
+  model = small_vit(drop_path_rate=0.2)
+  model(jax.random.normal(jax.random.PRNGKey(0), (16, 16, 16, 3)), key=jax.random.PRNGKey(1))
+  assert len(seen) == 2 * len(model.blocks)
+  assert all(u.shape == (16,) and np.all((u >= 0) & (u < 1)) for u in seen)
+  assert len({u.tobytes() for u in seen}) == len(seen)
 
 
 def test_init_statistics():

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dino_jax.models import vit
+
 _normal02 = nnx.initializers.normal(stddev=0.02)
 
 
@@ -53,5 +55,5 @@ class DINOHead(nnx.Module):
     for i, layer in enumerate(self.mlp):
       x = layer(x)
       if i < len(self.mlp) - 1:
-        x = jax.nn.gelu(x, approximate=False)
+        x = vit.gelu(x)
     return self.last_layer(l2_normalize(x))
