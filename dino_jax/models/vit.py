@@ -164,13 +164,12 @@ def interpolate_pos_embed(pos_patch: jax.Array, h: int, w: int, offset: float = 
   return out.reshape(1, h * w, -1).astype(pos_patch.dtype)
 
 
-def drop_path(x: jax.Array, rate: float, noise: jax.Array | None) -> jax.Array:
-  """Stochastic depth: drop whole residual branches per sample, rescale survivors. noise:
-  (B,) uniforms in [0, 1) (a sample is kept where noise < 1 - rate); None = eval."""
-  if noise is None or rate == 0.0:
+def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Stochastic depth: drop whole residual branches per sample, rescale survivors."""
+  if key is None or rate == 0.0:
     return x
   keep = 1.0 - rate
-  mask = (noise < keep).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
   return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
@@ -345,22 +344,21 @@ class Block(nnx.Module):
     self.ls1 = LayerScale(dim, cfg.layerscale) if cfg.layerscale else None
     self.ls2 = LayerScale(dim, cfg.layerscale) if cfg.layerscale else None
 
-  def __call__(self, x, noise=None, *, return_attention=False):
-    """noise: (2, B) uniforms for the two branches' drop-path (None = eval)."""
-    n1, n2 = (noise[0], noise[1]) if noise is not None else (None, None)
+  def __call__(self, x, key=None, *, return_attention=False):
+    k1, k2 = jax.random.split(key) if key is not None else (None, None)
     y, attn = self.attn(self.norm1(x), return_attention=return_attention)
     y = self.ls1(y) if self.ls1 is not None else y
-    x = x + drop_path(y, self.drop_path_rate, n1)
+    x = x + drop_path(y, self.drop_path_rate, k1)
     y = self.mlp(self.norm2(x))
     y = self.ls2(y) if self.ls2 is not None else y
-    x = x + drop_path(y, self.drop_path_rate, n2)
+    x = x + drop_path(y, self.drop_path_rate, k2)
     return x, attn
 
 
 @nnx.remat
-def _remat_block(block: Block, x, noise):
+def _remat_block(block: Block, x, key):
   """A block whose activations are recomputed in the backward pass (ViTConfig.remat)."""
-  return block(x, noise)
+  return block(x, key)
 
 
 class ViT(nnx.Module):
@@ -414,12 +412,10 @@ class ViT(nnx.Module):
     """images: (B, H, W, 3) float, normalised. key: drop-path randomness (None = eval).
     masks: optional (B, N) bool over patches (row-major grid); True = use the mask token."""
     x = self.tokens(images, masks)
-    # All drop-path draws of the forward at once: one random call instead of three per block
-    # (each is a small loop of its own on CPUs).
-    noise = (jax.random.uniform(key, (len(self.blocks), 2, x.shape[0])) if key is not None
-             else [None] * len(self.blocks))
+    keys = (jax.random.split(key, len(self.blocks)) if key is not None
+            else [None] * len(self.blocks))
     outs, attn = [], None
-    for i, (block, k) in enumerate(zip(self.blocks, noise)):
+    for i, (block, k) in enumerate(zip(self.blocks, keys)):
       last = i == len(self.blocks) - 1
       if self.cfg.remat and not (return_attention and last):
         x, a = _remat_block(block, x, k)
