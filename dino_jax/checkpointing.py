@@ -20,6 +20,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from dino_jax import paths
+
 ITEMS = ('state', 'data', 'config')
 
 # Config fields a resumed run must share with the run that wrote the checkpoint: they fix the
@@ -33,19 +35,10 @@ class CheckpointMismatchError(ValueError):
   pass
 
 
-def is_remote(path: str) -> bool:
-  """gs://, s3:// ... paths (orbax and etils.epath read and write them; os.path must not)."""
-  return '://' in str(path)
-
-
-def absolute(path: str) -> str:
-  """Local paths made absolute; bucket URLs kept as they are (os.path.abspath would turn
-  gs://b/run into ./gs:/b/run, a local folder that vanishes with the VM)."""
-  return str(path) if is_remote(path) else os.path.abspath(path)
-
-
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(absolute(workdir), 'checkpoints')
+  """WORKDIR/checkpoints; a bucket URL stays one (os.path.abspath would turn gs://b/run into
+  ./gs:/b/run, a local folder that vanishes with the VM)."""
+  return paths.join(paths.absolute(workdir), 'checkpoints')
 
 
 def manager(workdir: str, keep: int = 3, keep_every: int = 0,
@@ -154,7 +147,7 @@ def check_resumable(saved: dict, current: dict, workdir: str) -> None:
 
 def _open(path: str, step: int | None) -> tuple[ocp.CheckpointManager, int]:
   """A read-only manager and a step for a workdir or a WORKDIR/checkpoints/<step> path."""
-  path = absolute(path).rstrip('/')
+  path = paths.absolute(path).rstrip('/')
   base = os.path.basename(path)
   is_dir = lambda p: epath.Path(p).is_dir()
   if base.isdigit() and is_dir(os.path.join(path, 'state')):

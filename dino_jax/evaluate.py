@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dino_jax import checkpointing, data, inference, models, sharding
+from dino_jax import checkpointing, data, inference, models, paths, sharding
 from dino_jax.evaluators import attention as attention_lib
 from dino_jax.evaluators import features as features_lib
 from dino_jax.evaluators import knn as knn_lib
@@ -41,7 +41,7 @@ def load(args):
     return model.backbone, config, f'{args.model} at initialisation (seed {config.seed})'
   model, config = inference.load_model(args.model, which=args.which, step=args.step,
                                        dtype=args.dtype)
-  step = '' if os.path.isfile(args.model) else f' step {_step(args)}'
+  step = '' if paths.isfile(args.model) else f' step {_step(args)}'
   return model, config, f'{args.model} ({args.which}{step})'
 
 

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx, serialization
 
-from dino_jax import augment, checkpointing, config_file, models
+from dino_jax import augment, checkpointing, config_file, models, paths
 from dino_jax.data.pipeline import to_canvas
 from dino_jax.data.sources import as_rgb
 
@@ -42,7 +42,7 @@ def load_model(path: str, which: str = 'teacher', step: int | None = None, *,
   projection head) instead. Weights land on the default device (CPU or accelerator).
   dtype: compute dtype (default: the run's config.dtype).
   """
-  if os.path.isfile(path):
+  if paths.isfile(path):
     if with_head:
       raise ValueError(f'{path} is an exported backbone: it has no head')
     if path.endswith('.safetensors'):
@@ -66,6 +66,10 @@ def export(path: str, out: str, which: str = 'teacher', step: int | None = None)
   blob = serialization.msgpack_serialize({
       'format': EXPORT_FORMAT, 'which': which, 'step': step, 'config': json.dumps(saved),
       'params': jax.tree.map(np.asarray, params['backbone'])})
+  if paths.is_remote(out):  # a bucket object is written whole or not at all
+    with paths.open_file(out, 'wb') as f:
+      f.write(blob)
+    return out
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   tmp = out + '.tmp'
   with open(tmp, 'wb') as f:
@@ -89,11 +93,10 @@ def _load_converted(path: str, dtype):
 
 def _read_export(path: str) -> dict:
   """The contents of a file written by `export`, checked to be one."""
-  with open(path, 'rb') as f:
-    try:
-      blob = serialization.msgpack_restore(f.read())
-    except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f'{path} is not a dino_jax export file ({type(e).__name__})') from None
+  try:
+    blob = serialization.msgpack_restore(paths.read_bytes(path))
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'{path} is not a dino_jax export file ({type(e).__name__})') from None
   if not isinstance(blob, dict) or blob.get('format') != EXPORT_FORMAT:
     raise ValueError(f'{path} is not a dino_jax export file (format {EXPORT_FORMAT})')
   return blob
@@ -101,7 +104,7 @@ def _read_export(path: str) -> dict:
 
 def read_config(path: str, step: int | None = None) -> ml_collections.ConfigDict:
   """The run config of a workdir, a checkpoint step directory or an exported file."""
-  if os.path.isfile(path):
+  if paths.isfile(path):
     saved = json.loads(_read_export(path)['config'])
   else:
     saved, _ = checkpointing.read_config(path, step)
@@ -147,7 +150,7 @@ def main(argv=None) -> None:
   ex.add_argument('--step', type=int, default=None)
   args = parser.parse_args(argv)
   out = export(args.path, args.out, which=args.which, step=args.step)
-  print(f'wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB)')
+  print(f'wrote {out} ({paths.size(out) / 2**20:.1f} MiB)')
 
 
 if __name__ == '__main__':

@@ -15,7 +15,7 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from dino_jax import augment, checkpointing, data, distributed, models, optim, sharding
+from dino_jax import augment, checkpointing, data, distributed, models, optim, paths, sharding
 from dino_jax import state as state_lib
 from dino_jax import train_step as train_step_lib
 from dino_jax.evaluators import attention as attention_lib
@@ -39,7 +39,7 @@ class MetricWriter:
   def __init__(self, workdir: str):
     self.active = jax.process_index() == 0
     self.path = epath.Path(workdir) / 'metrics.jsonl'
-    self.remote = checkpointing.is_remote(workdir)
+    self.remote = paths.is_remote(workdir)
     self.lines = []
     self.tb = None
     if self.active:

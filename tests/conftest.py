@@ -69,3 +69,35 @@ def digits_npz(tmp_path_factory):
   np.savez(path, x_train=x[:64], y_train=d.target[:64], x_test=x[64:104],
            y_test=d.target[64:104])
   return str(path)
+
+
+@pytest.fixture
+def bucket(tmp_path):
+  """gs://test-bucket served from a local folder through etils.epath's mock backend (where
+  gcsfs would serve it on a cloud VM): the code under test sees only gs:// URLs."""
+  from etils.epath import testing as epath_testing  # pylint: disable=import-outside-toplevel
+  url, root = 'gs://test-bucket', tmp_path / 'bucket'
+  root.mkdir()
+
+  def local(p):
+    return str(p).replace(url, str(root), 1) if str(p).startswith(url) else str(p)
+
+  def one(fn, path, *args, **kwargs):
+    return fn(local(path), *args, **kwargs)
+
+  def open_(fn, path, mode):
+    if 'w' in mode:  # buckets have no folders to create first
+      os.makedirs(os.path.dirname(local(path)), exist_ok=True)
+    return fn(local(path), mode)
+
+  def two(fn, path, dst, *args, **kwargs):
+    return fn(local(path), local(dst), *args, **kwargs)
+
+  def walk(fn, top, **kwargs):
+    for d, dirs, files in fn(local(top), **kwargs):
+      yield str(d).replace(str(root), url, 1), dirs, files  # fsspec-style: same lists, pruned
+
+  with epath_testing.mock_epath(open=open_, exists=one, isdir=one, listdir=one, makedirs=one,
+                                mkdir=one, stat=one, remove=one, rmtree=one, walk=walk,
+                                copy=two, rename=two, replace=two):
+    yield url, root

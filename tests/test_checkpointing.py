@@ -15,7 +15,7 @@ import pytest
 
 import dino_jax
 from conftest import REPO, tiny_config
-from dino_jax import augment, checkpointing, inference, sharding, train
+from dino_jax import augment, checkpointing, inference, paths, sharding, train
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 LONG = {'epochs': 16, 'checkpoint_every': 32}  # 64 steps, one checkpoint half way
@@ -244,6 +244,22 @@ def test_export_round_trip_and_bad_files(tmp_path, trained):
     dino_jax.load_model(str(tmp_path))
 
 
+def test_export_to_a_bucket_and_load_it_back(bucket, trained, capsys):
+  """inference export --out=gs://... writes one object; load_model and read_config take the
+  URL (evaluate --model=gs://.../x.msgpack goes through the same calls)."""
+  url, root = bucket
+  workdir, _, _ = trained
+  inference.main(['export', f'--path={workdir}', f'--out={url}/models/teacher.msgpack'])
+  assert f'wrote {url}/models/teacher.msgpack' in capsys.readouterr().out
+  assert (root / 'models' / 'teacher.msgpack').is_file()
+  exported, cfg = dino_jax.load_model(f'{url}/models/teacher.msgpack')
+  model, _ = dino_jax.load_model(workdir)
+  images = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(exported(images).cls), np.asarray(model(images).cls))
+  assert inference.read_config(f'{url}/models/teacher.msgpack').model.to_dict() == \
+      cfg.model.to_dict()
+
+
 def test_preprocess_any_size_grayscale_or_rgb():
   rng = np.random.default_rng(0)
   images = [rng.integers(0, 256, (40, 30, 3), np.uint8), rng.integers(0, 256, (20, 50), np.uint8)]
@@ -313,7 +329,7 @@ def test_bucket_workdirs_keep_their_scheme(tmp_path, monkeypatch):
   rewritten whole there, keeping the lines of the run being resumed."""
   assert checkpointing.checkpoint_dir('gs://bucket/run') == 'gs://bucket/run/checkpoints'
   assert checkpointing.checkpoint_dir('rel/run') == os.path.abspath('rel/run/checkpoints')
-  monkeypatch.setattr(checkpointing, 'is_remote', lambda path: True)
+  monkeypatch.setattr(paths, 'is_remote', lambda path: True)
   w = train.MetricWriter(str(tmp_path))
   assert w.remote
   w.write(1, {'loss': 2.0})

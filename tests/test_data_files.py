@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, tiny_config
-from dino_jax import data, train
+from dino_jax import data, paths, train
 from dino_jax.data import decode as decode_lib
 from dino_jax.data import folder, pipeline, prepare, records
 
@@ -408,3 +408,79 @@ def test_training_on_a_folder_of_bad_files_counts_every_skip(tmp_path, bad_folde
   assert all(np.isfinite(l['loss']) for l in steps)
   assert sum(l['data_skipped'] for l in steps) == 2 * len(BAD)
   assert [l['step'] for l in lines if 'knn_top1' in l] == [4]
+
+
+def test_folder_in_a_bucket_reads_like_the_local_folder(bucket, tmp_path):
+  """folder:gs://... lists through the storage's walk and reads each image through epath:
+  same files, labels and batches as the same folder on disk."""
+  url, root = bucket
+  make_folder(tmp_path / 'disk' / 'train', 9, bad=('empty.jpg',))
+  make_folder(tmp_path / 'disk' / 'val', 3, classes=('dog',), bad=())
+  make_folder(root / 'imgs' / 'train', 9, bad=('empty.jpg',))
+  make_folder(root / 'imgs' / 'val', 3, classes=('dog',), bad=())
+  disk, disk_val = data.load(f'folder:{tmp_path / "disk"}')
+  remote, remote_val = data.load(f'folder:{url}/imgs')
+  assert remote.root == f'{url}/imgs/train' and remote_val.root == f'{url}/imgs/val'
+  assert remote.class_names == disk.class_names == ['cat', 'dog']
+  assert [remote.relpath(i) for i in range(len(remote))] == \
+      [disk.relpath(i) for i in range(len(disk))]
+  assert remote[0]['path'] == f'{url}/imgs/train/{disk.relpath(0)}'
+  np.testing.assert_array_equal(remote.labels, disk.labels)
+  assert [remote_val[i]['label'] for i in range(len(remote_val))] == [1, 1, 1]
+  want = data.train_dataset(disk, canvas_size=SIZE, global_batch=8, seed=0)[0]
+  got = data.train_dataset(remote, canvas_size=SIZE, global_batch=8, seed=0)[0]
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
+  with pytest.raises(data.DataError, match=f'folder:{url}/nothing: no such directory'):
+    data.load(f'folder:{url}/nothing')
+
+
+def test_prepare_from_a_bucket_into_a_bucket(bucket, tmp_path):
+  """prepare reads a gs:// folder and writes to gs://: the shards are written locally and
+  uploaded (ArrayRecord writes local files only), dataset.json last; the result is what a
+  local prepare writes. (ArrayRecord reads gs:// itself through its own GCS reader, which
+  this mock cannot serve, so the records are read back from the bucket's local folder.)"""
+  url, root = bucket
+  make_folder(root / 'imgs', 7, bad=('empty.jpg',))
+  make_folder(tmp_path / 'disk', 7, bad=('empty.jpg',))
+  info = prepare.prepare(f'{url}/imgs', f'{url}/ar', shards=2, workers=2)
+  local_info = prepare.prepare(str(tmp_path / 'disk'), str(tmp_path / 'ar'), shards=2, workers=2)
+  assert info['source'] == f'{url}/imgs'
+  assert info['splits'] == local_info['splits']
+  assert records.read_info(f'{url}/ar') == info
+  got, _ = data.load(f'arrayrecord:{root / "ar"}')
+  want, _ = data.load(f'arrayrecord:{tmp_path / "ar"}')
+  assert len(got) == len(want) == 7
+  assert [got[i] for i in range(7)] == [want[i] for i in range(7)]
+  with pytest.raises(data.DataError, match=f'arrayrecord:{url}/none: no dataset.json'):
+    records.read_info(f'{url}/none')
+
+
+def test_npz_in_a_bucket(bucket):
+  url, root = bucket
+  x = np.random.default_rng(0).integers(0, 255, (5, 8, 8, 3), np.uint8)
+  np.savez(root / 'd.npz', x_train=x, y_train=np.arange(5))
+  src, test = data.load(f'npz:{url}/d.npz')
+  assert test is None and len(src) == 5
+  np.testing.assert_array_equal(src[3]['image'], x[3])
+  with pytest.raises(FileNotFoundError, match='no such file'):
+    data.load(f'npz:{url}/missing.npz')
+
+
+def test_bucket_walk_puts_back_the_scheme_fsspec_drops():
+  """gcsfs's walk yields 'bucket/dir' without 'gs://'; paths.walk gives URLs under the root."""
+  from etils.epath import testing as epath_testing  # pylint: disable=import-outside-toplevel
+  tree = {'b/d': (['x'], ['1.jpg']), 'b/d/x': ([], ['2.png'])}
+
+  def walk(fn, top, **kwargs):
+    del fn, kwargs
+    for d in ('b/d', 'b/d/x'):
+      assert top == 'gs://b/d'
+      yield d, *tree[d]
+
+  with epath_testing.mock_epath(walk=walk):
+    got = list(paths.walk('gs://b/d'))
+  assert got == [('gs://b/d', ['x'], ['1.jpg']), ('gs://b/d/x', [], ['2.png'])]
+  assert paths.relative('gs://b/d/x', 'gs://b/d/') == 'x'
+  assert paths.relative('gs://b/d', 'gs://b/d') == '.'
+  assert paths.join('gs://b/d/', 'x', 'y.jpg') == 'gs://b/d/x/y.jpg'

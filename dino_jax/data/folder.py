@@ -16,6 +16,7 @@ import os
 import numpy as np
 from PIL import Image, ImageFile
 
+from dino_jax import paths
 from dino_jax.data.sources import DataError
 
 TEST_SPLITS = ('val', 'validation', 'test')
@@ -36,12 +37,13 @@ def _visible(name: str) -> bool:
 
 
 def list_images(root: str) -> list[str]:
-  """Paths of the image files under `root` (recursive), relative to it, in sorted order."""
+  """Paths of the image files under `root` (recursive; a local folder or a bucket URL),
+  relative to it, in sorted order."""
   exts = image_extensions()
   found = []
-  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+  for dirpath, dirnames, filenames in paths.walk(root):
     dirnames[:] = sorted(d for d in dirnames if _visible(d))
-    rel = os.path.relpath(dirpath, root)
+    rel = paths.relative(dirpath, root)
     for f in sorted(filenames):
       if _visible(f) and os.path.splitext(f)[1].lower() in exts:
         found.append(f if rel == '.' else os.path.join(rel, f))
@@ -52,9 +54,9 @@ class FolderSource:
   """Image files of a directory: {'path': absolute path, 'label': class index or -1}."""
 
   def __init__(self, root: str, class_names: list[str] | None = None):
-    if not os.path.isdir(root):
+    if not paths.isdir(root):
       raise DataError(f'config.data.source=folder:{root}: no such directory')
-    self.root = os.path.abspath(root)
+    self.root = paths.absolute(root)
     files = list_images(self.root)
     if not files:
       raise DataError(f'config.data.source=folder:{root}: no image files under {root} '
@@ -89,18 +91,18 @@ class FolderSource:
     return self._blob[self._offsets[index]:self._offsets[index + 1]].decode('utf-8')
 
   def __getitem__(self, index: int) -> dict:
-    return {'path': os.path.join(self.root, self.relpath(index)),
+    return {'path': paths.join(self.root, self.relpath(index)),
             'label': int(self.labels[index])}
 
 
 def load(path: str) -> tuple[FolderSource, FolderSource | None]:
   """(train, test-or-None): PATH/train + PATH/val when PATH has a train/ folder, else PATH."""
-  train_dir = os.path.join(path, 'train')
-  if not os.path.isdir(train_dir):
+  train_dir = paths.join(path, 'train')
+  if not paths.isdir(train_dir):
     return FolderSource(path), None
   train = FolderSource(train_dir)
   for name in TEST_SPLITS:
-    test_dir = os.path.join(path, name)
-    if os.path.isdir(test_dir):
+    test_dir = paths.join(path, name)
+    if paths.isdir(test_dir):
       return train, FolderSource(test_dir, class_names=train.class_names)
   return train, None

@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from dino_jax import paths
 from dino_jax.data.decode import BadImage, decode
 from dino_jax.data.sources import DataError, Source, as_rgb
 
@@ -37,18 +38,13 @@ def to_canvas(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
   return canvas, np.array([nh, nw], np.int32)
 
 
-def _read(path: str) -> bytes:
-  with open(path, 'rb') as f:
-    return f.read()
-
-
 def record_image(record: dict, size: int) -> np.ndarray:
   """uint8 RGB of any source record (decoded array, file bytes or a path); raises when bad."""
   if 'error' in record:
     raise OSError(record['error'])
   if 'image' in record:
     return as_rgb(record['image'])
-  return decode(record['encoded'] if 'encoded' in record else _read(record['path']), size)
+  return decode(record['encoded'] if 'encoded' in record else paths.read_bytes(record['path']), size)
 
 
 def try_canvas(record_fn, size: int) -> tuple[dict | None, str]:

@@ -9,6 +9,7 @@ it: unreadable files are left out, printed, and listed in DIR/dataset.json. The 
 stored unchanged, or, with --max_size, decoded upright to RGB, shrunk so the longer side is
 at most S and stored as JPEG (quality 95): smaller records that decode faster.
 Many small files become a few large ones that grain reads at random (group_size 1).
+FOLDER and DIR may be bucket URLs (gs://...; `pip install -e '.[gcs]'`).
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ import json
 import math
 import os
 import sys
+import tempfile
 
 from PIL import Image
 
+from dino_jax import paths
 from dino_jax.data import folder, records
 from dino_jax.data.decode import BadImage, decode
 from dino_jax.data.sources import DataError
@@ -33,8 +36,7 @@ def _convert(job: tuple[str, int]) -> tuple[bytes | None, str]:
   """(record bytes or None, reason) for (absolute path, max_size)."""
   path, max_size = job
   try:
-    with open(path, 'rb') as f:
-      data = f.read()
+    data = paths.read_bytes(path)
     image = decode(data, max_size or CHECK_SIZE)
   except (OSError, BadImage) as e:
     return None, str(e)
@@ -52,7 +54,7 @@ def _convert(job: tuple[str, int]) -> tuple[bytes | None, str]:
 
 def write_split(source: folder.FolderSource, dst: str, split: str, shards: int, max_size: int,
                 pool) -> dict:
-  """Write one split's shards; returns its dataset.json entry."""
+  """Write one split's shards into the local folder dst; returns its dataset.json entry."""
   from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
   n = len(source)
   shards = max(1, min(shards, n))
@@ -87,22 +89,30 @@ def write_split(source: folder.FolderSource, dst: str, split: str, shards: int, 
 
 
 def prepare(src: str, dst: str, shards: int = 8, max_size: int = 0, workers: int = 0) -> dict:
-  """Write DIR/<split>.array_record-* and DIR/dataset.json; returns the json's content."""
+  """Write DIR/<split>.array_record-* and DIR/dataset.json; returns the json's content.
+  src and dst may be bucket URLs. ArrayRecord writes local files only, so for a bucket dst
+  each split's shards are written to a temporary local folder and then uploaded; dataset.json
+  goes last, so a dst that has one is complete."""
   train, test = folder.load(src)
-  os.makedirs(dst, exist_ok=True)
+  paths.makedirs(dst)
   splits = {'train': train}
   if test is not None:
-    splits[os.path.basename(test.root)] = test
-  info = {'format': records.FORMAT, 'source': os.path.abspath(src),
+    splits[test.root.rstrip('/').rsplit('/', 1)[-1]] = test
+  info = {'format': records.FORMAT, 'source': paths.absolute(src),
           'class_names': train.class_names, 'max_size': max_size, 'splits': {}}
   with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
     for name, source in splits.items():
       print(f'{name}: {len(source)} files under {source.root}', flush=True)
-      info['splits'][name] = write_split(source, dst, name, shards, max_size, pool)
-      entry = info['splits'][name]
+      with tempfile.TemporaryDirectory(prefix='dino_jax_prepare_') as tmp:
+        local = tmp if paths.is_remote(dst) else dst
+        info['splits'][name] = entry = write_split(source, local, name, shards, max_size, pool)
+        if local != dst:
+          for f in entry['files']:
+            print(f'  uploading {f} to {dst}', flush=True)
+            paths.upload(os.path.join(local, f), paths.join(dst, f))
       print(f'{name}: wrote {entry["num_examples"]} records in {len(entry["files"])} files, '
             f'skipped {len(entry["skipped"])}', flush=True)
-  with open(os.path.join(dst, records.INFO), 'w') as f:
+  with paths.open_file(paths.join(dst, records.INFO), 'w') as f:
     json.dump(info, f, indent=1)
   return info
 

@@ -8,9 +8,9 @@ The path travels with the image so a record that fails to decode is logged by it
 from __future__ import annotations
 
 import json
-import os
 import struct
 
+from dino_jax import paths
 from dino_jax.data.sources import DataError
 
 FORMAT = 'dino_jax.arrayrecord.v1'
@@ -35,12 +35,11 @@ def shard_names(split: str, n: int) -> list[str]:
 
 
 def read_info(root: str) -> dict:
-  path = os.path.join(root, INFO)
-  if not os.path.exists(path):
+  path = paths.join(root, INFO)
+  if not paths.exists(path):
     raise DataError(f'config.data.source=arrayrecord:{root}: no {INFO} (write the dataset '
                     f'with python -m dino_jax.data.prepare)')
-  with open(path) as f:
-    info = json.load(f)
+  info = json.loads(paths.read_bytes(path))
   if info.get('format') != FORMAT:
     raise DataError(f'{path}: format {info.get("format")!r} is not {FORMAT!r}')
   return info
@@ -57,7 +56,7 @@ class ArrayRecordSource:
                       f'(has {", ".join(info["splits"])})')
     self.root, self.split = root, split
     self.class_names = info['class_names']
-    files = [os.path.join(root, f) for f in info['splits'][split]['files']]
+    files = [paths.join(root, f) for f in info['splits'][split]['files']]  # gs:// read natively
     self._ds = grain.sources.ArrayRecordDataSource(files)
     if len(self._ds) != info['splits'][split]['num_examples']:
       raise DataError(f'{root}: split {split} has {len(self._ds)} records, {INFO} says '

@@ -14,10 +14,11 @@ where a record came from, and 'error' says why a source could not read it. The g
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Protocol
 
 import numpy as np
+
+from dino_jax import paths
 
 
 class DataError(ValueError):
@@ -102,9 +103,9 @@ def _digits() -> tuple[ArraySource, ArraySource]:
 
 
 def _npz(path: str) -> tuple[ArraySource, ArraySource | None]:
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f'config.data.source: no such file {path!r}')
-  with np.load(path, allow_pickle=False) as f:
+  with paths.open_file(path) as raw, np.load(raw, allow_pickle=False) as f:
     if 'x_train' not in f:
       raise ValueError(f'config.data.source: {path!r} has no array x_train '
                        f'(found {sorted(f.files)})')
