@@ -149,12 +149,11 @@ def _open(path: str, step: int | None) -> tuple[ocp.CheckpointManager, int]:
   """A read-only manager and a step for a workdir or a WORKDIR/checkpoints/<step> path."""
   path = paths.absolute(path).rstrip('/')
   base = os.path.basename(path)
-  is_dir = lambda p: epath.Path(p).is_dir()
-  if base.isdigit() and is_dir(os.path.join(path, 'state')):
+  if base.isdigit() and paths.isdir(paths.join(path, 'state')):
     root, step = os.path.dirname(path), int(base) if step is None else step
-  elif is_dir(os.path.join(path, 'checkpoints')):
-    root = os.path.join(path, 'checkpoints')
-  elif base == 'checkpoints' and is_dir(path):
+  elif paths.isdir(paths.join(path, 'checkpoints')):
+    root = paths.join(path, 'checkpoints')
+  elif base == 'checkpoints' and paths.isdir(path):
     root = path
   else:
     raise FileNotFoundError(f'{path} is neither a dino_jax workdir nor a checkpoint step '

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from dino_jax import paths
 from dino_jax.models import DINOHead, VARIANTS, ViT, ViTConfig
 
 HEAD_DIM = 64  # every official DINO / DINOv2 ViT; pass heads= for other models
@@ -492,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             + (f', center {c.center.shape}' if c.center is not None else '')
             + (f'; left out {len(c.ignored)} keys ({c.ignored[0]} ...)' if c.ignored else ''))
     else:
-      is_workdir = os.path.isdir(args.src) or '://' in args.src  # local or gs:// workdir
+      is_workdir = paths.is_remote(args.src) or os.path.isdir(args.src)  # local or gs:// workdir
       c = from_workdir(args.src, args.step) if is_workdir else load_converted(args.src)
       sd = export(c.backbone, args.dst, c.head if args.with_head else None,
                   c.head_config.nlayers if c.head_config else 3)

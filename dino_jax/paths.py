@@ -49,7 +49,9 @@ def size(path) -> int:
 
 
 def open_file(path, mode: str = 'rb'):
-  return _epath(path).open(mode) if is_remote(path) else open(path, mode)  # pylint: disable=consider-using-with,unspecified-encoding
+  if is_remote(path):
+    return _epath(path).open(mode)
+  return open(path, mode)  # pylint: disable=consider-using-with,unspecified-encoding
 
 
 def read_bytes(path) -> bytes:

@@ -220,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   SIGTERM (a preempted TPU VM) saves a checkpoint at the next step boundary and returns.
   """
   run = build(config)
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  paths.makedirs(workdir)
   writer = MetricWriter(workdir)
   mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints,
                                keep_every=config.keep_checkpoint_every)

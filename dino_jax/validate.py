@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from dino_jax import paths
 from dino_jax.data import sources
 from dino_jax.schedules import LR_SCALING
 from dino_jax.models import FFNS, PATCH_SIZES, VARIANTS
@@ -86,7 +87,7 @@ def validate(config, n_devices: int | None = None) -> None:
          f'must be positive, got {config.keep_checkpoints}')
   _check(config.keep_checkpoint_every >= 0, 'keep_checkpoint_every',
          f'must be >= 0, got {config.keep_checkpoint_every}')
-  remote_dir = '://' in config.init_from and not config.init_from.endswith('.safetensors')
+  remote_dir = paths.is_remote(config.init_from) and not config.init_from.endswith('.safetensors')
   _check(not config.init_from or remote_dir or os.path.isdir(config.init_from) or
          (config.init_from.endswith('.safetensors') and os.path.isfile(config.init_from)),
          'init_from', f'{config.init_from!r} is neither a directory (a workdir or '

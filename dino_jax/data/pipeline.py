@@ -44,7 +44,8 @@ def record_image(record: dict, size: int) -> np.ndarray:
     raise OSError(record['error'])
   if 'image' in record:
     return as_rgb(record['image'])
-  return decode(record['encoded'] if 'encoded' in record else paths.read_bytes(record['path']), size)
+  data = record['encoded'] if 'encoded' in record else paths.read_bytes(record['path'])
+  return decode(data, size)
 
 
 def try_canvas(record_fn, size: int) -> tuple[dict | None, str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import io
 import json
 import math
@@ -103,8 +104,9 @@ def prepare(src: str, dst: str, shards: int = 8, max_size: int = 0, workers: int
   with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
     for name, source in splits.items():
       print(f'{name}: {len(source)} files under {source.root}', flush=True)
-      with tempfile.TemporaryDirectory(prefix='dino_jax_prepare_') as tmp:
-        local = tmp if paths.is_remote(dst) else dst
+      staging = (tempfile.TemporaryDirectory(prefix='dino_jax_prepare_')
+                 if paths.is_remote(dst) else contextlib.nullcontext(dst))
+      with staging as local:
         info['splits'][name] = entry = write_split(source, local, name, shards, max_size, pool)
         if local != dst:
           for f in entry['files']:
