@@ -118,6 +118,13 @@ def get_config() -> ml_collections.ConfigDict:
   # official weights converted with `python -m dino_jax.convert import` (.safetensors)
   c.eval_every = 12510  # steps between k-NN evals (0: only at the start and the end)
   c.attention_images = 4  # teacher attention maps of this many test images to TensorBoard (0: none)
+  # Collapse watchdog (after the lr warmup): one warning line (also in metrics.jsonl) when the
+  # teacher entropy stays above (1 - margin) ln(out_dim) (uniform collapse) or below
+  # margin ln(out_dim) (one prototype) for `patience` log intervals in a row.
+  c.watchdog = ml_collections.ConfigDict()
+  c.watchdog.margin = 0.05  # band width, a fraction of ln(out_dim)
+  c.watchdog.patience = 3  # consecutive log intervals inside a band before warning
+  c.watchdog.stop = False  # True: stop the run (exit 1) at the warning instead of going on
   c.knn = ml_collections.ConfigDict()
   c.knn.k = 20
   c.knn.temperature = 0.07

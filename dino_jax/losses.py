@@ -62,7 +62,26 @@ def distill_stats(student_logits, targets, student_temp, n_global: int = 2
   q = targets
   logp = jax.nn.log_softmax(student_logits[:q.shape[0]].astype(jnp.float32) / student_temp, -1)
   kl = jnp.mean(jnp.sum(q * (jnp.log(jnp.clip(q, 1e-30)) - logp), axis=-1))
-  return {'teacher_entropy': entropy(q), 'kl': kl}
+  return {'teacher_entropy': entropy(q), 'kl': kl,
+          'student_entropy': entropy(jnp.exp(logp))}
+
+
+def collapse_stats(teacher_logits, center, targets) -> dict[str, jax.Array]:
+  """Collapse diagnostics of the teacher's output (float32, monitoring only).
+
+  prototypes_used: exp(entropy of the batch-mean target), the effective number of prototypes
+    the batch uses (K when every prototype is used evenly, 1 when one takes everything).
+  logit_std: root mean square over prototypes of the across-batch standard deviation of the raw
+    teacher logits: how much the teacher's output depends on the image. Divided by the
+    teacher temperature it is the spread the softmax sees; when it falls far below the
+    temperature the targets go uniform whatever the center does.
+  center_norm: root mean square of the center's entries, on the same scale as logit_std.
+  """
+  t = teacher_logits.astype(jnp.float32)
+  p_mean = jnp.mean(targets, axis=0, keepdims=True)
+  return {'prototypes_used': jnp.exp(entropy(p_mean)),
+          'logit_std': jnp.sqrt(jnp.mean(jnp.var(t, axis=0))),
+          'center_norm': jnp.sqrt(jnp.mean(jnp.square(center)))}
 
 
 # DINOv2 additions ------------------------------------------------------------------------

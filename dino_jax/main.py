@@ -6,7 +6,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from dino_jax import checkpointing, data, distributed, train
+from dino_jax import checkpointing, data, distributed, train, watchdog
 from dino_jax.validate import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
@@ -21,7 +21,8 @@ def main(argv):
     distributed.initialize(_CONFIG.value.distributed)  # before anything touches a device
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, data.DataError, distributed.DistributedConfigError,
-          train.NonFiniteLossError, checkpointing.CheckpointMismatchError) as e:
+          train.NonFiniteLossError, checkpointing.CheckpointMismatchError,
+          watchdog.CollapseError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
 

@@ -17,6 +17,7 @@ from flax import nnx
 
 from dino_jax import augment, checkpointing, data, distributed, models, optim, paths, sharding
 from dino_jax import state as state_lib
+from dino_jax import watchdog as watchdog_lib
 from dino_jax import train_step as train_step_lib
 from dino_jax.evaluators import attention as attention_lib
 from dino_jax.evaluators import features as features_lib
@@ -51,16 +52,25 @@ class MetricWriter:
   def write(self, step: int, values: dict) -> None:
     if not self.active:
       return
-    line = {'step': int(step), **{k: float(v) for k, v in values.items()}}
-    if self.remote:
-      self.lines.append(json.dumps(line) + '\n')
-      self.path.write_text(''.join(self.lines))
-    else:
-      with self.path.open('a') as f:
-        f.write(json.dumps(line) + '\n')
+    self._append(json.dumps({'step': int(step), **{k: float(v) for k, v in values.items()}})
+                 + '\n')
     for k, v in values.items():
       self.tb.add_scalar(k, float(v), int(step))
     self.tb.flush()
+
+  def event(self, step: int, event: str, **fields: str) -> None:
+    """One non-numeric line in metrics.jsonl, e.g. {"step": 300, "event": "collapse", ...}."""
+    if not self.active:
+      return
+    self._append(json.dumps({'step': int(step), 'event': event, **fields}) + '\n')
+
+  def _append(self, line: str) -> None:
+    if self.remote:
+      self.lines.append(line)
+      self.path.write_text(''.join(self.lines))
+    else:
+      with self.path.open('a') as f:
+        f.write(line)
 
   def close(self) -> None:
     if self.tb is not None:
@@ -233,6 +243,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           f'{len(run.train_source)} images, {run.schedules.steps_per_epoch} steps/epoch, '
           f'{total} steps, mesh {dict(run.mesh.shape)}', flush=True)
 
+    writer.event(start, 'start', out_dim=config.model.out_dim,
+                 total_steps=total)  # marks resumes; plot reads ln(out_dim) from it
     log_attention = attention_lib.tensorboard_logger(run, writer)
 
     def eval_and_log(step):
@@ -256,6 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         worker_count=config.data.worker_count,
         prefetch=config.data.prefetch, process_index=jax.process_index(),
         process_count=jax.process_count())
+    watch = watchdog_lib.Watchdog.from_config(config, run.schedules.warmup_steps)
     t_start = t_last = time.time()
     last_logged = start
     metrics = None
@@ -279,6 +292,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
               f'T_t {m["teacher_temp"]:.3f} m {m["momentum"]:.4f} H_t {m["teacher_entropy"]:.3f} '
               f'{m["img_per_s"]:.1f} img/s ETA {_fmt_time(eta)}', flush=True)
         t_last, last_logged = now, done
+        warning = watch.update(done, float(m['teacher_entropy']))
+        if warning is not None:
+          print(f'dino_jax: WARNING: {warning}', flush=True)
+          writer.event(done, 'collapse_warning', symptom=watch.symptom(m['teacher_entropy']),
+                       message=warning)
+          if config.watchdog.stop:
+            raise watchdog_lib.CollapseError(
+                f'{warning}; stopped (config.watchdog.stop); the last checkpoint is intact')
       if done != total and preemption.reached(done):
         _check_finite(done, jax.device_get(metrics))
         save(done)

@@ -123,7 +123,9 @@ def make(student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.Gradien
 
     metrics = {'loss': total, **terms, 'grad_norm': optax.global_norm(grads),
                **schedules.values(state.step),
-               **losses.distill_stats(s_logits, targets, schedules.student_temp, n_global)}
+               'last_layer_grad_norm': optax.global_norm(grads['head']['last_layer']),
+               **losses.distill_stats(s_logits, targets, schedules.student_temp, n_global),
+               **losses.collapse_stats(t_logits, state.center, targets)}
     new_state = state.replace(step=state.step + 1, params=params, teacher_params=teacher_params,
                               opt_state=opt_state, center=center, patch_center=patch_center)
     return new_state, metrics

@@ -93,4 +93,7 @@ def validate(config, n_devices: int | None = None) -> None:
          'init_from', f'{config.init_from!r} is neither a directory (a workdir or '
          f'WORKDIR/checkpoints/<step>, local or gs://) nor a local .safetensors file from '
          f'dino_jax.convert')
+  w = config.watchdog
+  _check(0 < w.margin < 0.5, 'watchdog.margin', f'must be in (0, 0.5), got {w.margin}')
+  _check(w.patience > 0, 'watchdog.patience', f'must be positive, got {w.patience}')
   _check(config.knn.k > 0, 'knn.k', f'must be positive, got {config.knn.k}')
