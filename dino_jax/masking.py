@@ -42,9 +42,14 @@ class MaskSpec:
   def ratio_edges(self, n_images: int) -> np.ndarray:
     return np.linspace(self.ratio[0], self.ratio[1], self.n_masked_images(n_images) + 1)
 
+  def target_caps(self, n_images: int) -> np.ndarray:
+    """int(N * r_{i+1}) per stratum: the most patches masked image i may target."""
+    return np.array([int(self.n_patches * r) for r in self.ratio_edges(n_images)[1:]],
+                    np.int32)
+
   def upper_bound(self, n_images: int) -> int:
     """Most masked patches a batch of n_images global crops can have (static buffer size)."""
-    return int(sum(int(self.n_patches * r) for r in self.ratio_edges(n_images)[1:]))
+    return int(self.target_caps(n_images).sum())
 
 
 def _add_block(key, mask, remaining, spec: MaskSpec):
@@ -87,14 +92,27 @@ def block_mask(key: jax.Array, target: jax.Array, spec: MaskSpec) -> jax.Array:
   return jax.lax.while_loop(cond, body, init)[0]
 
 
+def mask_targets(u: jax.Array, n_images: int, spec: MaskSpec) -> jax.Array:
+  """Patches to mask per stratum, int(N * ratio) with ratio = r_i + u_i (r_{i+1} - r_i), for
+  u in [0, 1): capped at `target_caps` so that float32 rounding of the ratio (which may land
+  on or past r_{i+1}) can never exceed the static buffer of `upper_bound` rows."""
+  edges = np.asarray(spec.ratio_edges(n_images), np.float32)
+  return capped_targets(u, edges[:-1], edges[1:], spec.target_caps(n_images), spec.n_patches)
+
+
+def capped_targets(u, lo, hi, caps, n_patches: int) -> jax.Array:
+  """min(int(n_patches * (lo + u (hi - lo))), caps), elementwise in float32."""
+  ratios = jnp.asarray(lo, jnp.float32) + u * (jnp.asarray(hi, jnp.float32) -
+                                               jnp.asarray(lo, jnp.float32))
+  return jnp.minimum((n_patches * ratios).astype(jnp.int32), jnp.asarray(caps, jnp.int32))
+
+
 def batch_masks(key: jax.Array, n_images: int, spec: MaskSpec) -> jax.Array:
   """(n_images, N) bool masks for the global crops of a batch (crop-major rows)."""
   n_masked = spec.n_masked_images(n_images)
-  edges = jnp.asarray(spec.ratio_edges(n_images), jnp.float32)
   k_ratio, k_perm, k_blocks = jax.random.split(key, 3)
   u = jax.random.uniform(k_ratio, (n_masked,))
-  ratios = edges[:-1] + u * (edges[1:] - edges[:-1])
-  targets = jnp.concatenate([(spec.n_patches * ratios).astype(jnp.int32),
+  targets = jnp.concatenate([mask_targets(u, n_images, spec),
                              jnp.zeros(n_images - n_masked, jnp.int32)])
   targets = jax.random.permutation(k_perm, targets)
   keys = jax.random.split(k_blocks, n_images)

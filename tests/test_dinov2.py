@@ -47,6 +47,34 @@ def test_upper_bound_matches_the_reference_values():
   assert masking.MaskSpec((16, 16)).upper_bound(128) == 4941
 
 
+def test_mask_targets_never_exceed_the_buffer_over_the_grid_batch_table():
+  """Float32 ratios near a stratum's upper edge may round to int(N * r) + 1 patches; the cap
+  keeps every batch within upper_bound (the buffer of masked-token rows) on 24 grids x 208
+  batch sizes, at u = the largest float32 below 1 (the worst case) and at random u. One call
+  per grid: the strata of all batch sizes concatenated."""
+  top_u = np.nextafter(np.float32(1), np.float32(0))
+  rng = np.random.default_rng(0)
+  over_without_cap = 0
+  fn = jax.jit(masking.capped_targets, static_argnums=4)
+  for side in range(1, 25):
+    spec = masking.MaskSpec((side, side))
+    ns = [n for n in range(1, 209) if spec.n_masked_images(n) > 0]
+    edges = [spec.ratio_edges(n).astype(np.float32) for n in ns]
+    lo = np.concatenate([e[:-1] for e in edges])
+    hi = np.concatenate([e[1:] for e in edges])
+    caps = np.concatenate([spec.target_caps(n) for n in ns])
+    splits = np.cumsum([spec.n_masked_images(n) for n in ns])[:-1]
+    for u in (np.full(lo.shape, top_u, np.float32), rng.random(lo.shape, dtype=np.float32)):
+      t = np.asarray(fn(jnp.asarray(u), lo, hi, caps, spec.n_patches))
+      assert (t <= caps).all() and (t >= 0).all()
+      for n, part in zip(ns, np.split(t, splits)):
+        assert part.sum() <= spec.upper_bound(n), (side, n)
+    raw = (np.float32(spec.n_patches) * (lo + top_u * (hi - lo))).astype(np.int32)
+    over_without_cap += sum(int(part.sum() > spec.upper_bound(n))
+                            for n, part in zip(ns, np.split(raw, splits)))
+  assert over_without_cap > 0  # the hazard is real: the cap is what holds the bound
+
+
 def test_batch_masks_law_static_shapes_and_counts():
   spec = masking.MaskSpec((14, 14))
   n = 32
