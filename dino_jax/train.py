@@ -64,6 +64,25 @@ class MetricWriter:
       return
     self._append(json.dumps({'step': int(step), 'event': event, **fields}) + '\n')
 
+  def resume_at(self, step: int) -> None:
+    """Drop the lines past `step`: a killed run logged them after its last checkpoint, and the
+    resumed run logs those steps again (a reader would see every resumed stretch twice).
+    A line cut short by the kill is dropped too (the next line would be glued to it)."""
+    if not self.active:
+      return
+    lines = self.lines if self.remote else (
+        self.path.read_text().splitlines(keepends=True) if self.path.exists() else [])
+    kept = [l for l in lines if _line_step(l) <= step]
+    if len(kept) == len(lines):
+      return
+    if self.remote:
+      self.lines = kept
+      self.path.write_text(''.join(kept))
+    else:
+      tmp = self.path.parent / (self.path.name + '.tmp')
+      tmp.write_text(''.join(kept))
+      os.replace(tmp, self.path)
+
   def _append(self, line: str) -> None:
     if self.remote:
       self.lines.append(line)
@@ -75,6 +94,13 @@ class MetricWriter:
   def close(self) -> None:
     if self.tb is not None:
       self.tb.close()
+
+
+def _line_step(line: str) -> int:
+  try:
+    return int(json.loads(line)['step'])
+  except (ValueError, KeyError, TypeError):
+    return 2 ** 62  # not a whole JSON line: cut short by a kill
 
 
 @dataclasses.dataclass
@@ -239,6 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     state, saved_data, mngr = _start_state(run, workdir, mngr)
     total = run.schedules.total_steps
     start = int(state.step)
+    writer.resume_at(start)
     print(f'dino_jax: {config.model.arch}/{config.model.patch_size} on {config.data.source}: '
           f'{len(run.train_source)} images, {run.schedules.steps_per_epoch} steps/epoch, '
           f'{total} steps, mesh {dict(run.mesh.shape)}', flush=True)

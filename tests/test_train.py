@@ -114,8 +114,11 @@ def test_restart_resumes_from_latest_checkpoint_exactly(tmp_path, digits_npz):
   full = train.train_and_evaluate(config, str(tmp_path))
   shutil.rmtree(tmp_path / 'checkpoints' / '8')
   resumed = train.train_and_evaluate(config, str(tmp_path))
-  steps = [l['step'] for l in read_metrics(tmp_path) if 'loss' in l]
-  assert steps == list(range(1, 9)) + list(range(5, 9))  # the second run did steps 5..8
+  lines = read_metrics(tmp_path)
+  # the second run started at 4 and did steps 5..8; the first run's lines past its last
+  # checkpoint (5..8) were dropped, so every step is logged once, with the resumed values
+  assert [l['step'] for l in lines if l.get('event') == 'start'] == [0, 4]
+  assert [l['step'] for l in lines if 'loss' in l] == list(range(1, 9))
   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -130,3 +133,19 @@ def test_shipped_configs_are_valid(name):
         ('vit_small', 16, 65536)
     assert config.optim.lr * config.batch_size / 256 == pytest.approx(1e-3)
     assert (config.crops.n_local, config.crops.local_size, config.epochs) == (8, 96, 100)
+
+
+def test_metric_writer_drops_lines_past_the_resumed_step(tmp_path):
+  w = train.MetricWriter(str(tmp_path))
+  for step in (1, 2, 3):
+    w.write(step, {'loss': float(step)})
+  w.event(3, 'collapse_warning', symptom='uniform', message='m')
+  w.close()
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 4, "lo')  # killed mid-line
+  w = train.MetricWriter(str(tmp_path))
+  w.resume_at(2)
+  w.write(3, {'loss': 30.0})
+  w.close()
+  lines = read_metrics(tmp_path)
+  assert [(l['step'], l['loss']) for l in lines] == [(1, 1.0), (2, 2.0), (3, 30.0)]
