@@ -120,9 +120,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.attention_images = 4  # teacher attention maps of this many test images to TensorBoard (0: none)
   # Collapse watchdog (after the lr warmup): one warning line (also in metrics.jsonl) when the
   # teacher entropy stays above (1 - margin) ln(out_dim) (uniform collapse) or below
-  # margin ln(out_dim) (one prototype) for `patience` log intervals in a row.
+  # low_margin ln(out_dim) (one prototype) for `patience` log intervals in a row.
   c.watchdog = ml_collections.ConfigDict()
-  c.watchdog.margin = 0.05  # band width, a fraction of ln(out_dim)
+  c.watchdog.margin = 0.1  # uniform band: H_t above (1 - margin) ln(out_dim)
+  c.watchdog.low_margin = 0.02  # one-prototype band: H_t below low_margin ln(out_dim)
   c.watchdog.patience = 3  # consecutive log intervals inside a band before warning
   c.watchdog.stop = False  # True: stop the run (exit 1) at the warning instead of going on
   c.knn = ml_collections.ConfigDict()

@@ -95,5 +95,7 @@ def validate(config, n_devices: int | None = None) -> None:
          f'dino_jax.convert')
   w = config.watchdog
   _check(0 < w.margin < 0.5, 'watchdog.margin', f'must be in (0, 0.5), got {w.margin}')
+  _check(0 < w.low_margin < 0.5, 'watchdog.low_margin',
+         f'must be in (0, 0.5), got {w.low_margin}')
   _check(w.patience > 0, 'watchdog.patience', f'must be positive, got {w.patience}')
   _check(config.knn.k > 0, 'knn.k', f'must be positive, got {config.knn.k}')

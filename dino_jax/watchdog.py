@@ -14,10 +14,10 @@ import dataclasses
 import math
 
 LEVERS = {
-    'uniform': ('lower loss.teacher_temp (sharper targets), fewer prototypes (model.out_dim), '
-                'model.norm_last_layer=False, a lower optim.lr or longer optim.warmup_epochs, '
-                'loss.centering=sinkhorn_knopp'),
-    'one-prototype': ('raise loss.teacher_temp, a lower loss.center_momentum (faster '
+    'uniform': ('loss.koleo_weight (e.g. 0.1), keep the prototypes frozen longer '
+                '(optim.freeze_last_layer), a lower loss.teacher_temp, a lower optim.lr or a '
+                'longer optim.warmup_epochs'),
+    'one-prototype': ('a higher loss.teacher_temp, a lower loss.center_momentum (faster '
                       'centering), a lower optim.lr, loss.centering=sinkhorn_knopp'),
 }
 
@@ -30,14 +30,16 @@ class CollapseError(RuntimeError):
 class Watchdog:
   """Counts consecutive log steps whose teacher entropy is in a collapse band.
 
-  margin: the band's width as a fraction of ln(out_dim): uniform when
-    H_t > (1 - margin) ln(out_dim), one-prototype when H_t < margin ln(out_dim).
+  margin: the uniform band's width as a fraction of ln(out_dim): H_t > (1 - margin) ln(out_dim).
+  low_margin: the one-prototype band, H_t < low_margin ln(out_dim) ("near 0": a sharp teacher
+    that still spreads a batch over a handful of prototypes sits above it).
   patience: log intervals in a row inside a band before it warns (once per episode: it warns
     again only after H_t has left the band).
   start_step: steps before this are not judged (the lr warmup, where H_t starts high).
   """
   out_dim: int
-  margin: float = 0.05
+  margin: float = 0.1
+  low_margin: float = 0.02
   patience: int = 3
   start_step: int = 0
   _symptom: str | None = None
@@ -48,8 +50,8 @@ class Watchdog:
   @classmethod
   def from_config(cls, config, warmup_steps: int) -> 'Watchdog':
     w = config.watchdog
-    return cls(out_dim=config.model.out_dim, margin=w.margin, patience=w.patience,
-               start_step=warmup_steps)
+    return cls(out_dim=config.model.out_dim, margin=w.margin, low_margin=w.low_margin,
+               patience=w.patience, start_step=warmup_steps)
 
   def symptom(self, entropy: float) -> str | None:
     top = math.log(self.out_dim)
@@ -57,7 +59,7 @@ class Watchdog:
       return None  # the non-finite loss check owns that case
     if entropy > (1.0 - self.margin) * top:
       return 'uniform'
-    if entropy < self.margin * top:
+    if entropy < self.low_margin * top:
       return 'one-prototype'
     return None
 
@@ -74,7 +76,7 @@ class Watchdog:
     self._warned = True
     top = math.log(self.out_dim)
     where = (f'above {1 - self.margin:.0%} of' if symptom == 'uniform'
-             else f'below {self.margin:.0%} of')
+             else f'below {self.low_margin:.0%} of')
     return (f'collapse watchdog: {symptom} collapse: teacher entropy {entropy:.3f} stayed '
             f'{where} ln(out_dim) = {top:.3f} for {self._count} log intervals (steps '
             f'{self._first}-{step}); levers: {LEVERS[symptom]} (README "Training on small '

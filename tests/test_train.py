@@ -123,7 +123,7 @@ def test_restart_resumes_from_latest_checkpoint_exactly(tmp_path, digits_npz):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize('name', ['vit_s16', 'cpu'])
+@pytest.mark.parametrize('name', ['vit_s16', 'cpu', 'cifar'])
 def test_shipped_configs_are_valid(name):
   from dino_jax import config_file  # pylint: disable=import-outside-toplevel
   config = config_file.load(REPO / 'configs' / f'{name}.py')
@@ -149,3 +149,17 @@ def test_metric_writer_drops_lines_past_the_resumed_step(tmp_path):
   w.close()
   lines = read_metrics(tmp_path)
   assert [(l['step'], l['loss']) for l in lines] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_small_data_recipes_keep_what_makes_them_learn():
+  """The measured fixes of README "Training on small data": KoLeo on, prototypes frozen for
+  the whole run, the collapse watchdog on its defaults; cifar.py is the DINOv2 objective."""
+  from dino_jax import config_file  # pylint: disable=import-outside-toplevel
+  for name in ('cpu', 'cifar'):
+    c = config_file.load(REPO / 'configs' / f'{name}.py')
+    assert c.loss.koleo_weight == 0.1 and c.optim.freeze_last_layer >= c.epochs
+    assert (c.watchdog.margin, c.watchdog.low_margin, c.watchdog.patience, c.watchdog.stop) == \
+        (0.1, 0.02, 3, False)
+  c = config_file.load(REPO / 'configs' / 'cifar.py')
+  assert c.loss.ibot_weight == 1.0 and c.data.source.endswith('cifar10_subset.npz')
+  assert c.epochs * (10000 // c.batch_size) == 5616
