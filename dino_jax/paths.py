@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Iterator
+import stat
+from typing import Callable, Iterator
+
+from absl import logging
 
 
 def is_remote(path) -> bool:
@@ -54,7 +57,23 @@ def open_file(path, mode: str = 'rb'):
   return open(path, mode)  # pylint: disable=consider-using-with,unspecified-encoding
 
 
+def special_kind(mode: int) -> str:
+  """'FIFO', 'socket', 'character device', ... for an os.stat st_mode that is not a regular
+  file or a directory ('' for those two)."""
+  for test, kind in ((stat.S_ISFIFO, 'FIFO'), (stat.S_ISSOCK, 'socket'),
+                     (stat.S_ISCHR, 'character device'), (stat.S_ISBLK, 'block device')):
+    if test(mode):
+      return kind
+  return '' if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else 'special file'
+
+
 def read_bytes(path) -> bytes:
+  """The whole file. A local path that is not a regular file after following links (a FIFO,
+  which would block forever, a socket, a device) raises OSError without being opened."""
+  if not is_remote(path):
+    kind = special_kind(os.stat(path).st_mode)
+    if kind:
+      raise OSError(f'{path}: not a regular file (a {kind})')
   with open_file(path, 'rb') as f:
     return f.read()
 
@@ -74,17 +93,83 @@ def upload(local: str, dst) -> None:
     shutil.copyfile(local, dst)
 
 
-def walk(root) -> Iterator[tuple[str, list[str], list[str]]]:
-  """os.walk(root) top-down (symbolic links followed) for local folders; for URLs the
+# on_skip(kind, path, reason) hears of every entry a local walk leaves out; kind is one of:
+SKIP_SPECIAL = 'special file'  # a FIFO, socket or device (reading a FIFO blocks forever)
+SKIP_LOOP = 'repeated directory'  # a symlinked directory already walked (a loop, or a 2nd link)
+SKIP_UNREADABLE = 'unreadable directory'  # a directory that cannot be listed (permissions)
+OnSkip = Callable[[str, str, str], None]
+
+
+def _log_skip(kind: str, path: str, reason: str) -> None:
+  logging.warning('left out %s %s: %s', kind, path, reason)
+
+
+def walk(root, on_skip: OnSkip | None = None) -> Iterator[tuple[str, list[str], list[str]]]:
+  """os.walk(root) top-down, symbolic links followed, for local folders; for URLs the
   storage's own listing (one request per folder level, not per file), dirpath a URL under
-  root. Pruning dirnames in place prunes the walk."""
+  root. Pruning dirnames in place prunes the walk.
+
+  A local walk never opens anything and finishes on any tree: filenames hold only regular files
+  (after following links; broken links stay, for the reader to report), never FIFOs, sockets or
+  devices; a symbolic link to a directory already walked (a loop such as `loop -> ..`, or a
+  second link to one directory) is not entered. Each left-out entry is passed to
+  on_skip(kind, path, reason) (default: a logged warning)."""
   if not is_remote(root):
-    yield from os.walk(root, followlinks=True)
+    yield from _walk_local(os.fspath(root), on_skip or _log_skip)
     return
   scheme = str(root).split('://', 1)[0]
   for top, dirnames, filenames in _epath(root).walk(top_down=True):
     top = str(top)  # fsspec's walk (gcsfs) drops the scheme: put it back
     yield (top if is_remote(top) else f'{scheme}://{top.lstrip("/")}'), dirnames, filenames
+
+
+def _walk_local(root: str, on_skip: OnSkip) -> Iterator[tuple[str, list[str], list[str]]]:
+  seen: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) of directories walked -> first path
+  stack = [(root, False)]  # (path, is a symbolic link)
+  while stack:
+    top, is_link = stack.pop()
+    try:
+      st = os.stat(top)
+    except OSError as e:
+      if top != root:  # a missing root lists nothing, as os.walk
+        on_skip(SKIP_UNREADABLE, top, e.strerror or type(e).__name__)
+      continue
+    key = (st.st_dev, st.st_ino)
+    if is_link and key in seen:  # only a link can lead back: real directories form a tree
+      first = seen[key]
+      on_skip(SKIP_LOOP, top, f'a link to {first}, ' + (
+          'which contains it (a loop)' if _contains(first, top) else 'already listed'))
+      continue
+    seen.setdefault(key, top)
+    dirnames, filenames, links = [], [], set()
+    try:
+      with os.scandir(top) as it:
+        entries = list(it)
+    except OSError as e:
+      on_skip(SKIP_UNREADABLE, top, e.strerror or type(e).__name__)
+      continue
+    for entry in entries:
+      try:
+        if entry.is_dir():  # follows links; d_type makes this free for plain entries
+          dirnames.append(entry.name)
+          if entry.is_symlink():
+            links.add(entry.name)
+          continue
+        if entry.is_file():
+          filenames.append(entry.name)
+          continue
+        kind = special_kind(entry.stat().st_mode)  # stat only, never open
+      except OSError:  # a broken link: listed, so reading it reports the missing target
+        filenames.append(entry.name)
+        continue
+      on_skip(SKIP_SPECIAL, entry.path, f'a {kind}, not a regular file')
+    yield top, dirnames, filenames
+    # depth first, in the order the caller left dirnames in (pruning prunes)
+    stack.extend((os.path.join(top, d), d in links) for d in reversed(dirnames))
+
+
+def _contains(parent: str, path: str) -> bool:
+  return path.startswith(parent.rstrip(os.sep) + os.sep)
 
 
 def relative(path: str, root: str) -> str:

@@ -7,13 +7,17 @@ ImageFolder does. Otherwise every image under PATH, recursively, is used without
 Splits: when PATH has a `train/` subdirectory, it is the training set and `val/`,
 `validation/` or `test/` (the first present) the k-NN test set, labelled with the training
 classes. Names starting with '.' are ignored (e.g. macOS `._x.jpg` resource forks); so is any
-file whose extension no PIL plugin reads.
+file whose extension no PIL plugin reads. Listing opens nothing: FIFOs, sockets and devices
+(even named x.jpg) are left out, and so is a symbolic link to a directory already listed (a loop
+such as `loop -> ..`); each is logged, and one line per kind is printed.
 """
 from __future__ import annotations
 
+import collections
 import os
 
 import numpy as np
+from absl import logging
 from PIL import Image, ImageFile
 
 from dino_jax import paths
@@ -36,12 +40,25 @@ def _visible(name: str) -> bool:
   return not name.startswith('.')
 
 
-def list_images(root: str) -> list[str]:
+def list_images(root: str, left_out: list | None = None) -> list[str]:
   """Paths of the image files under `root` (recursive; a local folder or a bucket URL),
-  relative to it, in sorted order."""
+  relative to it, in sorted order. Entries the walk leaves out (special files, repeated
+  directories: see paths.walk) are appended to `left_out` as {'kind', 'path', 'reason'}, path
+  relative to root, and logged."""
   exts = image_extensions()
   found = []
-  for dirpath, dirnames, filenames in paths.walk(root):
+
+  def on_skip(kind, path, reason):
+    rel = paths.relative(path, root)
+    name = os.path.basename(rel)
+    if kind == paths.SKIP_SPECIAL and not (_visible(name) and
+                                           os.path.splitext(name)[1].lower() in exts):
+      return  # a socket or FIFO that would not have been listed anyway
+    logging.warning('data: left out %s %s under %s: %s', kind, rel, root, reason)
+    if left_out is not None:
+      left_out.append({'kind': kind, 'path': rel, 'reason': reason})
+
+  for dirpath, dirnames, filenames in paths.walk(root, on_skip):
     dirnames[:] = sorted(d for d in dirnames if _visible(d))
     rel = paths.relative(dirpath, root)
     for f in sorted(filenames):
@@ -57,7 +74,9 @@ class FolderSource:
     if not paths.isdir(root):
       raise DataError(f'config.data.source=folder:{root}: no such directory')
     self.root = paths.absolute(root)
-    files = list_images(self.root)
+    self.left_out: list[dict] = []  # special files and repeated directories, not listed
+    files = list_images(self.root, self.left_out)
+    report_left_out(self.root, self.left_out)
     if not files:
       raise DataError(f'config.data.source=folder:{root}: no image files under {root} '
                       f'(looked for the extensions PIL reads: .jpg, .png, .webp, ...)')
@@ -93,6 +112,19 @@ class FolderSource:
   def __getitem__(self, index: int) -> dict:
     return {'path': paths.join(self.root, self.relpath(index)),
             'label': int(self.labels[index])}
+
+
+def report_left_out(root: str, left_out: list[dict]) -> None:
+  """One printed line per kind of entry the listing of `root` left out."""
+  by_kind = collections.defaultdict(list)
+  for e in left_out:
+    by_kind[e['kind']].append(e)
+  for kind, entries in by_kind.items():
+    first = entries[0]
+    n = len(entries)
+    kinds = kind if n == 1 else kind[:-1] + 'ies' if kind.endswith('y') else kind + 's'
+    print(f'warning: {root}: left out {n} {kinds} (first: {first["path"]}: '
+          f'{first["reason"]})', flush=True)
 
 
 def load(path: str) -> tuple[FolderSource, FolderSource | None]:

@@ -5,7 +5,9 @@
 
 FOLDER is laid out as for folder:PATH (class subfolders give labels; a train/ subfolder with
 val/, validation/ or test/ beside it gives two splits). Every image is decoded once to check
-it: unreadable files are left out, printed, and listed in DIR/dataset.json. The bytes are
+it: unreadable files are left out, printed, and listed in DIR/dataset.json, as are FIFOs,
+sockets and devices and symbolic links back to folders already listed, which the listing
+passes over without opening (nothing in FOLDER is changed). The bytes are
 stored unchanged, or, with --max_size, decoded upright to RGB, shrunk so the longer side is
 at most S and stored as JPEG (quality 95): smaller records that decode faster.
 Many small files become a few large ones that grain reads at random (group_size 1).
@@ -108,6 +110,8 @@ def prepare(src: str, dst: str, shards: int = 8, max_size: int = 0, workers: int
                  if paths.is_remote(dst) else contextlib.nullcontext(dst))
       with staging as local:
         info['splits'][name] = entry = write_split(source, local, name, shards, max_size, pool)
+        if source.left_out:  # special files and repeated folders, never opened
+          entry['left_out'] = source.left_out
         if local != dst:
           for f in entry['files']:
             print(f'  uploading {f} to {dst}', flush=True)
