@@ -48,6 +48,28 @@ class UnsafeCheckpointError(ValueError):
   """The file holds pickled objects that are not plain tensors and containers."""
 
 
+class ModelFileError(ValueError):
+  """A file that cannot be read as model weights: truncated, corrupt, or not a model file of
+  the kind its name or metadata says. The message names the file."""
+
+
+def error_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f'{type(e).__name__}: {text.splitlines()[0][:200]}' if text else type(e).__name__
+
+
+def _check_regular(path) -> None:
+  """A FIFO, socket or device is refused unopened (reading a FIFO would block forever)."""
+  kind = paths.special_kind(os.stat(path).st_mode)
+  if kind:
+    raise ModelFileError(f'{path}: not a regular file (a {kind})')
+
+
+def _unreadable(path, kind: str, e: BaseException) -> ModelFileError:
+  return ModelFileError(f'{path}: cannot be read as {kind} (truncated or corrupt? '
+                        f'{error_line(e)})')
+
+
 class HeadConfig(NamedTuple):
   out_dim: int
   hidden_dim: int
@@ -71,13 +93,13 @@ def read_file(path: str | os.PathLike) -> dict:
   """The checkpoint object at `path`: .safetensors without torch, .pth with weights_only."""
   path = os.fspath(path)
   if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    return load_file(path)
+    return _in_safetensors(path, lambda f: {k: f.get_tensor(k) for k in f.keys()})
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
     raise ImportError(f'{path}: reading a PyTorch .pth file needs torch (pip install '
                       f"'dino_jax[torch]'); .safetensors files need no torch") from None
+  _check_regular(path)
   # argparse.Namespace is a plain attribute bag: the v1 full checkpoints pickle their `args`.
   with torch.serialization.safe_globals([argparse.Namespace]):
     try:
@@ -87,6 +109,10 @@ def read_file(path: str | os.PathLike) -> dict:
       raise UnsafeCheckpointError(
           f'{path}: refusing to load: the file pickles objects other than tensors and plain '
           f'containers, and unpickling them could run arbitrary code ({first})') from None
+    except FileNotFoundError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # zip / EOF errors of a cut file
+      raise _unreadable(path, 'a PyTorch checkpoint', e) from None
   return _to_numpy(obj)
 
 
@@ -321,8 +347,21 @@ def to_state_dict(backbone: dict, head: dict | None = None, head_nlayers: int = 
 
 def convert(path_or_obj, *, key: str = 'teacher', with_head: bool = True,
             **vit_overrides) -> Converted:
-  """Convert an official checkpoint (path, or an already-read object) into Flax params."""
-  obj = read_file(path_or_obj) if isinstance(path_or_obj, (str, os.PathLike)) else path_or_obj
+  """Convert an official checkpoint (path, or an already-read object) into Flax params. Every
+  key and shape is checked; a mismatch raises CheckpointError naming the key (and the file)."""
+  if not isinstance(path_or_obj, (str, os.PathLike)):
+    return _convert(path_or_obj, key, with_head, vit_overrides)
+  obj = read_file(path_or_obj)
+  try:
+    return _convert(obj, key, with_head, vit_overrides)
+  except CheckpointError as e:
+    raise CheckpointError(f'{e} (in {os.fspath(path_or_obj)})') from None
+
+
+def _convert(obj, key: str, with_head: bool, vit_overrides: dict) -> Converted:
+  if not isinstance(obj, dict):
+    raise CheckpointError(f'the checkpoint holds a {type(obj).__name__}, not a dict of '
+                          f'tensors')
   raw, center = select(obj, key)
   sd, ignored = normalize_keys(raw)
   vit = infer_vit_config(sd, **vit_overrides)
@@ -374,21 +413,79 @@ def save(c: Converted, path: str | os.PathLike, source: str = '') -> None:
   save_file(tensors, os.fspath(path), metadata=meta)
 
 
-def load_converted(path: str | os.PathLike) -> Converted:
-  """Read a file written by `save` (no pickle)."""
+def _in_safetensors(path, fn):
+  """fn(safe_open handle) for a .safetensors file; a damaged file raises ModelFileError."""
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-  with safe_open(os.fspath(path), framework='numpy') as f:
-    meta = f.metadata() or {}
-    if meta.get('format') != FORMAT:
-      raise ValueError(f'{path}: not a dino_jax converted model (metadata format '
-                       f'{meta.get("format")!r}); convert official weights with '
-                       f'`python -m dino_jax.convert import`')
-    tensors = {k: f.get_tensor(k) for k in f.keys()}
-  vit = ViTConfig(**json.loads(meta['vit']))
-  head = json.loads(meta['head'])
+  _check_regular(path)
+  try:
+    with safe_open(os.fspath(path), framework='numpy') as f:
+      return fn(f)
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # SafetensorError is no ValueError
+    raise _unreadable(path, 'a .safetensors file', e) from None
+
+
+def check_tensors(loaded: dict, expected: dict, what: str) -> None:
+  """Raise CheckpointMismatchError, naming `what` (the file) and the tensor, unless `loaded`
+  (arrays) has exactly the tensors of `expected` (arrays or ShapeDtypeStructs), each with its
+  shape and a floating dtype. Both are {dotted name: leaf} dicts or nested dicts."""
+  from dino_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  loaded, expected = _flat(loaded), _flat(expected)
+  missing = sorted(set(expected) - set(loaded))
+  extra = sorted(set(loaded) - set(expected))
+  listed = lambda names: ', '.join(repr(n) for n in names[:3]) + (
+      f' and {len(names) - 3} more' if len(names) > 3 else '')
+  if missing:
+    raise checkpointing.CheckpointMismatchError(
+        f'{what}: no tensor {listed(missing)}, which the model needs (shape '
+        f'{_shape_str(expected[missing[0]].shape)}{" for the first" if len(missing) > 1 else ""})')
+  if extra:
+    raise checkpointing.CheckpointMismatchError(
+        f'{what}: unexpected tensor {listed(extra)}, which the model has no place for')
+  checkpointing.check_fits(loaded, {k: expected[k] for k in loaded}, what)  # names each shape
+  for k, v in loaded.items():
+    if not np.issubdtype(np.asarray(v).dtype, np.floating):
+      raise checkpointing.CheckpointMismatchError(
+          f'{what}: tensor {k!r} holds {np.asarray(v).dtype}, not floating-point weights')
+
+
+def _expected_tensors(vit: ViTConfig, head: HeadConfig | None, center) -> dict:
+  """{file tensor name: ShapeDtypeStruct} of a converted model of this architecture."""
+  expected = {'backbone.' + k: v for k, v in _flat(_abstract_params(
+      lambda: ViT(vit, rngs=nnx.Rngs(0)))).items()}
+  if head is not None:
+    expected.update({'head.' + k: v for k, v in _flat(_abstract_params(lambda: DINOHead(
+        vit.width, head.out_dim, hidden_dim=head.hidden_dim, bottleneck_dim=head.bottleneck_dim,
+        nlayers=head.nlayers, rngs=nnx.Rngs(0)))).items()})
+  if center is not None:  # optional: (1, K), K the head's output size when there is a head
+    k = head.out_dim if head is not None else int(np.size(center))
+    expected['center'] = jax.ShapeDtypeStruct((1, k), np.float32)
+  return expected
+
+
+def load_converted(path: str | os.PathLike) -> Converted:
+  """Read a file written by `save` (no pickle). Every tensor's name and shape is checked
+  against the architecture its metadata describes before anything is built; a mismatch raises
+  CheckpointMismatchError and an unreadable file ModelFileError, both naming the file."""
+  meta, tensors = _in_safetensors(path, lambda f: (
+      f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+      if (f.metadata() or {}).get('format') == FORMAT else None))
+  if tensors is None:
+    raise ModelFileError(f'{path}: not a dino_jax converted model (metadata format '
+                         f'{meta.get("format")!r}); convert official weights with '
+                         f'`python -m dino_jax.convert import`')
+  try:
+    vit = ViTConfig(**json.loads(meta['vit']))
+    head = json.loads(meta['head'])
+    head = HeadConfig(**head) if head else None
+    expected = _expected_tensors(vit, head, tensors.get('center'))
+  except Exception as e:  # pylint: disable=broad-except  # any metadata that builds no model
+    raise ModelFileError(f'{path}: damaged dino_jax metadata ({error_line(e)})') from None
+  check_tensors(tensors, expected, f'{path} (against the model its metadata describes)')
   part = lambda p: _unflat({k[len(p):]: v for k, v in tensors.items() if k.startswith(p)})
-  return Converted(vit, part('backbone.'), HeadConfig(**head) if head else None,
-                   part('head.') if head else None, tensors.get('center'))
+  return Converted(vit, part('backbone.'), head, part('head.') if head else None,
+                   tensors.get('center'))
 
 
 def _set_params(module: nnx.Module, params: dict) -> nnx.Module:
@@ -419,11 +516,8 @@ def load(path: str | os.PathLike, dtype=np.float32) -> ViT:
 
 
 def _is_converted(path) -> bool:
-  if not os.fspath(path).endswith('.safetensors'):
-    return False
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-  with safe_open(os.fspath(path), framework='numpy') as f:
-    return (f.metadata() or {}).get('format') == FORMAT
+  return os.fspath(path).endswith('.safetensors') and _in_safetensors(
+      path, lambda f: (f.metadata() or {}).get('format') == FORMAT)
 
 
 def export(backbone: dict, path: str | os.PathLike, head: dict | None = None,

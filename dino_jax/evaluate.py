@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dino_jax import checkpointing, data, inference, models, paths, sharding
+from dino_jax import checkpointing, convert, data, inference, models, paths, sharding
 from dino_jax.evaluators import attention as attention_lib
 from dino_jax.evaluators import features as features_lib
 from dino_jax.evaluators import knn as knn_lib
@@ -265,9 +265,20 @@ COMMANDS = {'knn': cmd_knn, 'linear': cmd_linear, 'attention': cmd_attention,
             'video': cmd_video}
 
 
+# Bad inputs, each reported as one line naming the file (or field) and what is wrong
+ERRORS = (convert.ModelFileError, convert.CheckpointError, convert.UnsafeCheckpointError,
+          checkpointing.CheckpointMismatchError, data.DataError, FileNotFoundError)
+
+
 def main(argv=None):
+  """Run one command and return its results; a bad --model file or data source prints one
+  `error:` line and exits with status 1."""
   args = parser().parse_args(argv)
-  res = COMMANDS[args.command](args)
+  try:
+    res = COMMANDS[args.command](args)
+  except ERRORS as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(res, f, indent=1, default=lambda x: x.tolist() if hasattr(x, 'tolist') else str(x))

@@ -18,7 +18,8 @@ import ml_collections
 import numpy as np
 from flax import nnx, serialization
 
-from dino_jax import augment, checkpointing, config_file, models, paths
+from dino_jax import augment, checkpointing, config_file, convert, models, paths
+from dino_jax.convert import ModelFileError  # a weights file that cannot be read: names it
 from dino_jax.data.pipeline import to_canvas
 from dino_jax.data.sources import as_rgb
 
@@ -41,6 +42,10 @@ def load_model(path: str, which: str = 'teacher', step: int | None = None, *,
   Returns (ViT backbone, config); with_head=True returns the whole DINO network (backbone +
   projection head) instead. Weights land on the default device (CPU or accelerator).
   dtype: compute dtype (default: the run's config.dtype).
+
+  A file is checked before use: every tensor's name and shape against the model of its own
+  config (CheckpointMismatchError naming the file and the tensor); a truncated, corrupt or
+  foreign file raises ModelFileError naming the file. The file is only read.
   """
   if paths.isfile(path):
     if with_head:
@@ -63,9 +68,15 @@ def export(path: str, out: str, which: str = 'teacher', step: int | None = None)
   config = config_file.from_saved(saved)
   _, abstract = _network(config, config.dtype)
   params, _ = checkpointing.restore_params(path, abstract, which=which, step=step)
+  return write_export(params['backbone'], saved, out, which, step)
+
+
+def write_export(backbone: dict, saved_config: dict, out: str, which: str = 'teacher',
+                 step: int = 0) -> str:
+  """Write backbone params and the run config (as a dict) to the msgpack file `out`."""
   blob = serialization.msgpack_serialize({
-      'format': EXPORT_FORMAT, 'which': which, 'step': step, 'config': json.dumps(saved),
-      'params': jax.tree.map(np.asarray, params['backbone'])})
+      'format': EXPORT_FORMAT, 'which': which, 'step': step, 'config': json.dumps(saved_config),
+      'params': jax.tree.map(np.asarray, backbone)})
   if paths.is_remote(out):  # a bucket object is written whole or not at all
     with paths.open_file(out, 'wb') as f:
       f.write(blob)
@@ -81,7 +92,6 @@ def export(path: str, out: str, which: str = 'teacher', step: int | None = None)
 def _load_converted(path: str, dtype):
   """Official weights converted by `python -m dino_jax.convert import`, with a config that
   holds their architecture and the official evaluation view (224 px, crop 0.875)."""
-  from dino_jax import convert  # pylint: disable=import-outside-toplevel
   c = convert.load_converted(path)
   model = convert.build_backbone(c, dtype=jnp.dtype(dtype or jnp.float32))
   config = ml_collections.ConfigDict({
@@ -94,32 +104,47 @@ def _load_converted(path: str, dtype):
 def _read_export(path: str) -> dict:
   """The contents of a file written by `export`, checked to be one."""
   try:
-    blob = serialization.msgpack_restore(paths.read_bytes(path))
+    data = paths.read_bytes(path)
+  except OSError as e:
+    raise ModelFileError(f'{path}: cannot read it ({e.strerror or e})') from None
+  try:
+    blob = serialization.msgpack_restore(data)
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'{path} is not a dino_jax export file ({type(e).__name__})') from None
+    raise ModelFileError(f'{path} is not a dino_jax export file (not msgpack, or truncated: '
+                         f'{convert.error_line(e)})') from None
   if not isinstance(blob, dict) or blob.get('format') != EXPORT_FORMAT:
-    raise ValueError(f'{path} is not a dino_jax export file (format {EXPORT_FORMAT})')
+    raise ModelFileError(f'{path} is not a dino_jax export file (format {EXPORT_FORMAT}); '
+                         f'official weights load after `python -m dino_jax.convert import`')
+  try:
+    blob['config'] = config_file.from_saved(json.loads(blob['config']))
+  except Exception as e:  # pylint: disable=broad-except  # any damage to the saved config
+    raise ModelFileError(f'{path}: damaged dino_jax export (its config: '
+                         f'{convert.error_line(e)})') from None
+  if not isinstance(blob.get('params'), dict):
+    raise ModelFileError(f'{path}: damaged dino_jax export (no parameter tree)')
   return blob
 
 
 def read_config(path: str, step: int | None = None) -> ml_collections.ConfigDict:
   """The run config of a workdir, a checkpoint step directory or an exported file."""
   if paths.isfile(path):
-    saved = json.loads(_read_export(path)['config'])
-  else:
-    saved, _ = checkpointing.read_config(path, step)
+    return _read_export(path)['config']
+  saved, _ = checkpointing.read_config(path, step)
   return config_file.from_saved(saved)
 
 
 def _load_exported(path: str, dtype):
   blob = _read_export(path)
-  config = config_file.from_saved(json.loads(blob['config']))
+  config = blob['config']
   backbone = nnx.eval_shape(
       lambda: models.build(config, teacher=True, dtype=dtype or config.dtype)).backbone
   backbone_def, abstract = nnx.split(backbone)
   ref = abstract.to_pure_dict()
   params = blob['params']
-  checkpointing.check_fits(params, ref, f'{path} (against the model of its own config)')
+  what = f'{path} (against the model of its own config)'
+  # by tensor name first (missing, unexpected, shape), then the tree as nnx.merge needs it
+  convert.check_tensors(params, ref, what)
+  checkpointing.check_fits(params, ref, what)
   return nnx.merge(backbone_def, jax.tree.map(jnp.asarray, params)), config
 
 
