@@ -114,6 +114,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 2500  # steps between checkpoints (and one at the end)
   c.keep_checkpoints = 3  # newest checkpoints kept ...
   c.keep_checkpoint_every = 0  # ... plus every step divisible by this (0: none)
+  # Before every save the loss, gradient and parameter norms must be finite and the student's
+  # parameter norm within this factor of its norm where the run started; otherwise the run
+  # stops without saving (a diverging run never overwrites its good checkpoints).
+  c.max_param_growth = 100.0
   c.init_from = ''  # weights that start a new run: a workdir, WORKDIR/checkpoints/<step>, or
   # official weights converted with `python -m dino_jax.convert import` (.safetensors)
   c.eval_every = 12510  # steps between k-NN evals (0: only at the start and the end)

@@ -1,10 +1,13 @@
 """Checkpoints: the only module that talks to orbax.
 
-WORKDIR/checkpoints/<step>/ holds three items: `state` (the whole TrainState: student, teacher,
-optimizer state, center, step, rng), `data` (the input iterator's state, JSON) and `config`
-(the run's config, JSON). Saves are asynchronous; orbax writes each step to a temporary
-directory and renames it when complete, so a half-written save is never mistaken for a
-checkpoint. `restore_latest` walks back past damaged checkpoints instead of failing the run.
+WORKDIR/checkpoints/<step>/ holds four items: `state` (the whole TrainState: student, teacher,
+optimizer state, center, step, rng), `data` (the input iterator's state, JSON), `config` (the
+run's config, JSON) and `checksums` (one per state array, JSON; dino_jax.checksum). Saves are
+asynchronous; orbax writes each step to a temporary directory and renames it when complete, so
+a half-written save is never mistaken for a checkpoint. `restore_latest` first compares the
+checkpoint's config and state structure with this run's (a difference is refused by name, the
+checkpoint untouched), then restores and verifies the checksums; a checkpoint that fails to
+read or to verify is damaged: set aside and the previous one tried.
 """
 from __future__ import annotations
 
@@ -20,9 +23,9 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from dino_jax import paths
+from dino_jax import checksum, paths
 
-ITEMS = ('state', 'data', 'config')
+ITEMS = ('state', 'data', 'config', 'checksums')
 
 # Config fields a resumed run must share with the run that wrote the checkpoint: they fix the
 # parameter shapes, the data order or the meaning of a step. Any other difference (lr, epochs,
@@ -32,6 +35,10 @@ RESUME_CRITICAL = ('model', 'batch_size', 'data.source', 'data.canvas_size', 'se
 
 
 class CheckpointMismatchError(ValueError):
+  pass
+
+
+class DamagedCheckpointError(IOError):
   pass
 
 
@@ -53,7 +60,8 @@ def manager(workdir: str, keep: int = 3, keep_every: int = 0,
 def save(mngr: ocp.CheckpointManager, step: int, state, config, data_state: dict) -> None:
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-      config=ocp.args.JsonSave(config.to_dict())), force=True)
+      config=ocp.args.JsonSave(config.to_dict()),
+      checksums=ocp.args.JsonSave(checksum.tree_checksums(state))), force=True)
 
 
 def latest_step(mngr: ocp.CheckpointManager) -> int | None:
@@ -91,9 +99,14 @@ def restore_latest(workdir: str, mngr: ocp.CheckpointManager, abstract_state,
   """
   while (step := mngr.latest_step()) is not None:
     try:
+      step_dir = epath.Path(str(mngr.directory)) / str(step)
       saved_config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
       check_resumable(saved_config['config'], config.to_dict(), workdir)
-      return restore(mngr, abstract_state, step), mngr
+      check_structure(step_dir, abstract_state, saved_config['config'], config.to_dict(),
+                      workdir)
+      restored = restore(mngr, abstract_state, step)
+      verify(mngr, restored)
+      return restored, mngr
     except CheckpointMismatchError:
       raise
     except Exception as e:  # pylint: disable=broad-except
@@ -107,6 +120,73 @@ def restore_latest(workdir: str, mngr: ocp.CheckpointManager, abstract_state,
       mngr = manager(workdir, keep=config.keep_checkpoints,
                      keep_every=config.keep_checkpoint_every)
   return None, mngr
+
+
+def verify(mngr: ocp.CheckpointManager, restored: Restored) -> None:
+  """Raise DamagedCheckpointError when a restored array's checksum differs from the saved one.
+  Checkpoints written before checksums existed have none and are accepted as they are."""
+  if not (epath.Path(str(mngr.directory)) / str(restored.step) / 'checksums').exists():
+    logging.warning('checkpoint %d has no checksums (written by an older dino_jax): '
+                    'not verified', restored.step)
+    return
+  saved = mngr.restore(restored.step, args=ocp.args.Composite(
+      checksums=ocp.args.JsonRestore()))['checksums']
+  bad = checksum.mismatches(restored.state, saved)
+  if bad:
+    raise DamagedCheckpointError(
+        f'checksum mismatch in {len(bad)} array(s): {", ".join(bad[:3])}'
+        f'{" ..." if len(bad) > 3 else ""}')
+
+
+def _path_key(path) -> str:
+  """A tree path as 'a/b/0/c', the same for our pytrees and for orbax's metadata tree."""
+  parts = []
+  for k in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return '/'.join(parts)
+
+
+def _is_empty(x) -> bool:
+  return x is None or (isinstance(x, (tuple, list, dict)) and len(x) == 0)
+
+
+def _shapes(tree) -> dict[str, tuple | None]:
+  """{path: shape} of the arrays, and {path: None} of the empty nodes (optax's EmptyState,
+  MaskedNode), which orbax's metadata lists too: a change of optimizer chain shows there."""
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_empty)[0]
+  return {_path_key(p): None if _is_empty(x) else tuple(getattr(x, 'shape', ()))
+          for p, x in flat}
+
+
+def check_structure(step_dir, abstract_state, saved_config: dict, current_config: dict,
+                    workdir: str) -> None:
+  """Raise CheckpointMismatchError when the checkpoint's state (read from its metadata, no
+  arrays) has other arrays or shapes than this config's state, e.g. after a change of
+  optim.clip_grad or optim.layer_decay, naming the config fields that differ."""
+  metadata = ocp.StandardCheckpointHandler().metadata(step_dir / 'state')
+  saved = _shapes(getattr(metadata, 'item_metadata', metadata))
+  wanted = _shapes(abstract_state)
+  only_saved = sorted(set(saved) - set(wanted))
+  only_here = sorted(set(wanted) - set(saved))
+  reshaped = sorted(k for k in set(saved) & set(wanted)
+                    if wanted[k] is not None and saved[k] != wanted[k])
+  if not (only_saved or only_here or reshaped):
+    return
+  what = []
+  for label, keys in (('only in the checkpoint', only_saved), ('only in this run', only_here),
+                      ('shaped differently', reshaped)):
+    if keys:
+      what.append(f'{len(keys)} entries {label}, e.g. {keys[0]}')
+  a, b = _flatten(saved_config), _flatten(current_config)
+  fields = [f'{k}: checkpoint {a.get(k)!r}, this run {b.get(k)!r}'
+            for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+  raise CheckpointMismatchError(
+      f'{workdir} holds a run whose training state does not fit this config '
+      f'({"; ".join(what)}); config fields that differ: {"; ".join(fields) or "none"}. '
+      f'Use a new --workdir, or set those fields as the checkpoint has them.')
 
 
 def _set_aside(path: str) -> None:

@@ -10,8 +10,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import ml_collections
+import numpy as np
+import optax
 from etils import epath
 from flax import nnx
 
@@ -26,8 +27,9 @@ from dino_jax.schedules import Schedules
 from dino_jax.validate import validate
 
 
-class NonFiniteLossError(FloatingPointError):
-  pass
+class DivergenceError(FloatingPointError):
+  """The run diverged: a loss, gradient or parameter norm is not finite, or the student's
+  parameters grew past config.max_param_growth times their norm where the run started."""
 
 
 class MetricWriter:
@@ -121,8 +123,8 @@ class Run:
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Run:
   """Validate the config, then build data sources, model graphdefs, optimizer and step."""
+  validate(config, n_devices=mesh.devices.size if mesh is not None else jax.device_count())
   mesh = mesh or sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  validate(config, n_devices=mesh.devices.size)
   sharding.global_batch_check(config.batch_size, mesh)
   train_source, test_source = data.load(config.data.source)
   data.check_source(train_source, config.batch_size, config.data.canvas_size)
@@ -175,13 +177,27 @@ def evaluate_knn(run: Run, state) -> dict[str, float] | None:
   return {'knn_top1': res['top1'], 'knn_top5': res['top5']}
 
 
-def _check_finite(step: int, metrics: dict) -> None:
-  loss = float(metrics['loss'])
-  if not math.isfinite(loss):
-    raise NonFiniteLossError(
-        f'loss is {loss} at step {step}: stopping without saving; the last good checkpoint '
-        f'is intact. Lower optim.lr, raise optim.warmup_epochs, use dtype=float32, or lower '
-        f'loss.teacher_temp.')
+_LEVERS = ('Lower optim.lr, raise optim.warmup_epochs, use dtype=float32, or lower '
+           'loss.teacher_temp.')
+
+
+def check_sane(step: int, metrics: dict, reference_norm: float, max_growth: float) -> None:
+  """Raise DivergenceError unless the step's loss, gradient norm and parameter norms are finite
+  and the student's parameter norm is within max_growth x reference_norm (its norm where the
+  run started). Runs before every save, so a saved checkpoint is always one a run can go on
+  from."""
+  for key in ('loss', 'grad_norm', 'param_norm', 'teacher_param_norm'):
+    value = float(metrics[key])
+    if not math.isfinite(value):
+      raise DivergenceError(f'{key} is {value} at step {step}: stopping without saving; the '
+                            f'last good checkpoint is intact. {_LEVERS}')
+  norm = float(metrics['param_norm'])
+  if norm > max_growth * reference_norm:
+    raise DivergenceError(
+        f'the student parameter norm is {norm:.3g} at step {step}, {norm / reference_norm:.3g}x '
+        f'its {reference_norm:.3g} where this run started (config.max_param_growth='
+        f'{max_growth:g}): the run is diverging; stopping without saving; the last good '
+        f'checkpoint is intact. {_LEVERS}')
 
 
 def _fmt_time(seconds: float) -> str:
@@ -253,15 +269,16 @@ def _init_from_converted(state, path: str):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Train DINO as `config` says, writing logs and checkpoints to `workdir`. Returns the state.
 
-  SIGTERM (a preempted TPU VM) saves a checkpoint at the next step boundary and returns.
+  Once steps run, SIGTERM (a preempted TPU VM) saves a checkpoint at the next step boundary
+  and returns; before that, the caller's SIGTERM handling applies (main.py: stop at once).
   """
-  run = build(config)
-  paths.makedirs(workdir)
-  writer = MetricWriter(workdir)
-  mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints,
-                               keep_every=config.keep_checkpoint_every)
-  preemption = checkpointing.PreemptionWatch()
+  writer = mngr = preemption = None
   try:
+    run = build(config)
+    paths.makedirs(workdir)
+    writer = MetricWriter(workdir)
+    mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints,
+                                 keep_every=config.keep_checkpoint_every)
     state, saved_data, mngr = _start_state(run, workdir, mngr)
     total = run.schedules.total_steps
     start = int(state.step)
@@ -299,7 +316,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     t_start = t_last = time.time()
     last_logged = start
     metrics = None
+    # the student's parameter norm where this run starts (init or the restored checkpoint)
+    reference_norm = float(jax.jit(optax.global_norm)(state.params))
     step_fn = run.step_fn
+    preemption = checkpointing.PreemptionWatch()  # from here SIGTERM saves at a step boundary
+
+    def check(step):
+      check_sane(step, jax.device_get(metrics), reference_norm, config.max_param_growth)
+
     for step in range(start, total):
       batch = sharding.to_global(next(batches), run.mesh)
       if step == start:  # multi-host: every process compiled before any runs the step
@@ -308,7 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       done = step + 1
       if done % config.log_every == 0 or done == total:
         m = jax.device_get(metrics)
-        _check_finite(done, m)
+        check(done)
         now = time.time()
         m['img_per_s'] = (done - last_logged) * config.batch_size / max(now - t_last, 1e-9)
         m['epoch'] = done / run.schedules.steps_per_epoch
@@ -328,25 +352,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
             raise watchdog_lib.CollapseError(
                 f'{warning}; stopped (config.watchdog.stop); the last checkpoint is intact')
       if done != total and preemption.reached(done):
-        _check_finite(done, jax.device_get(metrics))
+        check(done)
         save(done)
         mngr.wait_until_finished()
         print(f'dino_jax: preempted: saved step {done} to {mngr.directory}; rerun the same '
               f'command to resume', flush=True)
         return state
       if done % config.checkpoint_every == 0 and done != total:
-        _check_finite(done, jax.device_get(metrics))
+        check(done)
         save(done)
       if config.eval_every and done % config.eval_every == 0 and done != total:
         eval_and_log(done)
     if metrics is not None:
-      _check_finite(total, jax.device_get(metrics))
+      check(total)
     eval_and_log(total)
     if checkpointing.latest_step(mngr) != int(state.step):
       save(int(state.step))
   finally:  # a pending (good) save completes even when the run stops on an error
-    preemption.close()
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
+    if preemption is not None:
+      preemption.close()
+    if mngr is not None:
+      mngr.wait_until_finished()
+      mngr.close()
+    if writer is not None:
+      writer.close()
   return state

@@ -122,6 +122,8 @@ def make(student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.Gradien
       terms['masked_fraction'] = jnp.mean(masks)
 
     metrics = {'loss': total, **terms, 'grad_norm': optax.global_norm(grads),
+               'param_norm': optax.global_norm(params),
+               'teacher_param_norm': optax.global_norm(teacher_params),
                **schedules.values(state.step),
                'last_layer_grad_norm': optax.global_norm(grads['head']['last_layer']),
                **losses.distill_stats(s_logits, targets, schedules.student_temp, n_global),

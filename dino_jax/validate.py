@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from dino_jax import paths
+from dino_jax import paths, sharding
 from dino_jax.data import sources
 from dino_jax.schedules import LR_SCALING
 from dino_jax.models import FFNS, PATCH_SIZES, VARIANTS
@@ -43,6 +43,21 @@ def validate(config, n_devices: int | None = None) -> None:
     sources.check_kind(config.data.source)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  kind, _, location = config.data.source.partition(':')
+  _check(kind not in ('npz', 'folder', 'arrayrecord') or paths.is_remote(location) or
+         os.path.exists(location), 'data.source', f'no such file or folder {location!r} '
+         f'(relative paths start at {os.getcwd()})')
+  _check(config.data.worker_count >= 0, 'data.worker_count', 'must be >= 0 (0: no workers)')
+  _check(config.data.prefetch >= 0, 'data.prefetch', 'must be >= 0')
+  for field in ('head_hidden_dim', 'head_bottleneck_dim', 'head_layers', 'ibot_out_dim',
+                'ibot_bottleneck_dim'):
+    _check(m[field] >= 1, f'model.{field}', f'must be >= 1, got {m[field]}')
+  for field in ('brightness', 'contrast', 'saturation'):
+    _check(c[field] >= 0, f'crops.{field}', f'must be >= 0, got {c[field]}')
+  _check(0 <= c.hue <= 0.5, 'crops.hue', f'must be in [0, 0.5], got {c.hue}')
+  _check(0 < c.blur_sigma[0] <= c.blur_sigma[1], 'crops.blur_sigma',
+         f'{c.blur_sigma} is not a positive range')
+  _check(c.blur_radius >= 0, 'crops.blur_radius', 'must be >= 0 (0: 3 x the largest sigma)')
   _check(m.out_dim > 0, 'model.out_dim', f'must be positive, got {m.out_dim}')
   _check(0 <= m.drop_path_rate < 1, 'model.drop_path_rate', 'must be in [0, 1)')
   _check(m.ffn in FFNS, 'model.ffn', f'{m.ffn!r} is not one of {FFNS}')
@@ -67,6 +82,10 @@ def validate(config, n_devices: int | None = None) -> None:
   _check(config.data.epoch_length >= 0, 'data.epoch_length', 'must be >= 0 (0: one pass)')
   _check(config.batch_size > 0, 'batch_size', f'must be positive, got {config.batch_size}')
   if n_devices is not None:
+    try:
+      sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, n_devices)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
     _check(config.batch_size % n_devices == 0, 'batch_size',
            f'global batch {config.batch_size} is not divisible by the {n_devices} devices')
   _check(config.epochs > 0, 'epochs', f'must be positive, got {config.epochs}')
@@ -74,8 +93,16 @@ def validate(config, n_devices: int | None = None) -> None:
          f'{config.dtype!r} is not float32, bfloat16 or float16')
   _check(o.lr > 0, 'optim.lr', f'must be positive, got {o.lr}')
   _check(0 <= o.momentum_teacher <= 1, 'optim.momentum_teacher', 'must be in [0, 1]')
-  _check(o.warmup_epochs <= config.epochs, 'optim.warmup_epochs',
-         f'{o.warmup_epochs} exceeds epochs={config.epochs}')
+  _check(0 <= o.warmup_epochs <= config.epochs, 'optim.warmup_epochs',
+         f'{o.warmup_epochs} is not in [0, epochs={config.epochs}]')
+  _check(o.min_lr >= 0, 'optim.min_lr', f'must be >= 0, got {o.min_lr}')
+  for field in ('weight_decay', 'weight_decay_end', 'clip_grad', 'freeze_last_layer'):
+    _check(o[field] >= 0, f'optim.{field}', f'must be >= 0, got {o[field]}')
+  _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, 'optim.b1', 'Adam betas must be in [0, 1)')
+  _check(o.eps > 0, 'optim.eps', f'must be positive, got {o.eps}')
+  _check(config.mesh.min_shard_size >= 0, 'mesh.min_shard_size', 'must be >= 0')
+  _check(0 <= l.center_momentum <= 1, 'loss.center_momentum', 'must be in [0, 1]')
+  _check(l.warmup_teacher_temp_epochs >= 0, 'loss.warmup_teacher_temp_epochs', 'must be >= 0')
   _check(l.teacher_temp > 0 and l.warmup_teacher_temp > 0, 'loss.teacher_temp',
          'temperatures must be positive')
   _check(l.student_temp > 0, 'loss.student_temp', 'must be positive')
@@ -98,4 +125,11 @@ def validate(config, n_devices: int | None = None) -> None:
   _check(0 < w.low_margin < 0.5, 'watchdog.low_margin',
          f'must be in (0, 0.5), got {w.low_margin}')
   _check(w.patience > 0, 'watchdog.patience', f'must be positive, got {w.patience}')
-  _check(config.knn.k > 0, 'knn.k', f'must be positive, got {config.knn.k}')
+  _check(config.attention_images >= 0, 'attention_images', 'must be >= 0 (0: none)')
+  _check(config.max_param_growth > 1, 'max_param_growth',
+         f'must be > 1, got {config.max_param_growth}')
+  k = config.knn
+  _check(k.k > 0, 'knn.k', f'must be positive, got {k.k}')
+  _check(k.temperature > 0, 'knn.temperature', f'must be positive, got {k.temperature}')
+  _check(k.max_train >= 0, 'knn.max_train', f'must be >= 0 (0: all), got {k.max_train}')
+  _check(k.batch_size > 0, 'knn.batch_size', f'must be positive, got {k.batch_size}')

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dino_jax.validate import ConfigError
 from conftest import REPO, tiny_config
 from dino_jax import data, paths, train
 from dino_jax.data import decode as decode_lib
@@ -203,7 +204,7 @@ def test_train_val_layout_labels_val_with_train_classes(tmp_path):
 
 
 @pytest.mark.parametrize('setup,message', [
-    ('missing', 'no such directory'),
+    ('missing', 'no such file or folder'),  # caught by config validation
     ('empty', 'no image files under'),
     ('only_bad', 'none of the 5 images can be read'),
     ('too_few', r'has 11 readable images \(5 of 16 cannot be read, first: .*\), fewer than one '
@@ -223,7 +224,7 @@ def test_unusable_folders_fail_before_training_with_one_line(tmp_path, setup, me
   if setup == 'too_few_files':
     make_folder(root, 4, bad=())
   config = tiny_config(**{'data.source': f'folder:{root}'})
-  with pytest.raises(data.DataError, match=message) as e:
+  with pytest.raises((data.DataError, ConfigError), match=message) as e:
     train.train_and_evaluate(config, str(tmp_path / 'work'))
   assert '\n' not in str(e.value)
   assert not (tmp_path / 'work').exists()  # nothing started
