@@ -24,6 +24,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from dino_jax import checksum, paths
+from dino_jax.errors import DinoJaxError
 
 ITEMS = ('state', 'data', 'config', 'checksums')
 
@@ -34,12 +35,13 @@ RESUME_CRITICAL = ('model', 'batch_size', 'data.source', 'data.canvas_size', 'se
                    'crops.global_size', 'crops.n_local', 'crops.local_size')
 
 
-class CheckpointMismatchError(ValueError):
-  pass
+class CheckpointMismatchError(DinoJaxError, ValueError):
+  """A checkpoint or weights file that does not fit this run (a config field, the state's
+  structure, a tensor's shape); the message names the difference. Nothing is touched."""
 
 
-class DamagedCheckpointError(IOError):
-  pass
+class DamagedCheckpointError(DinoJaxError, IOError):
+  """A checkpoint that fails to read or to verify its checksums."""
 
 
 def checkpoint_dir(workdir: str) -> str:

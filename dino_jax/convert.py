@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from dino_jax import paths
+from dino_jax.errors import DinoJaxError
 from dino_jax.models import DINOHead, VARIANTS, ViT, ViTConfig
 
 HEAD_DIM = 64  # every official DINO / DINOv2 ViT; pass heads= for other models
@@ -40,15 +41,15 @@ IGNORED_PREFIXES = ('ibot_head.',)  # DINOv2's separate iBOT head: no place in t
 FORMAT = 'dino_jax.convert/1'
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DinoJaxError, ValueError):
   """A checkpoint that does not fit the model: a missing key, a shape or a layout mismatch."""
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(DinoJaxError, ValueError):
   """The file holds pickled objects that are not plain tensors and containers."""
 
 
-class ModelFileError(ValueError):
+class ModelFileError(DinoJaxError, ValueError):
   """A file that cannot be read as model weights: truncated, corrupt, or not a model file of
   the kind its name or metadata says. The message names the file."""
 

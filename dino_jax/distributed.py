@@ -19,6 +19,8 @@ from typing import Mapping
 
 import jax
 
+from dino_jax.errors import DinoJaxError
+
 # (name, test on the environment): the clusters `auto` initializes on. jax.distributed finds
 # their coordinator and process ids itself.
 CLUSTERS = (
@@ -31,8 +33,8 @@ CLUSTERS = (
 ADDRESS = re.compile(r'^[^\s:]+:\d+$')
 
 
-class DistributedConfigError(ValueError):
-  pass
+class DistributedConfigError(DinoJaxError, ValueError):
+  """config.distributed or the cluster environment cannot start a multi-host run."""
 
 
 def tpu_vm() -> bool:

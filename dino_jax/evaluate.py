@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dino_jax import checkpointing, convert, data, inference, models, paths, sharding
+from dino_jax import checkpointing, data, inference, models, paths, sharding
+from dino_jax.errors import DinoJaxError
 from dino_jax.evaluators import attention as attention_lib
 from dino_jax.evaluators import features as features_lib
 from dino_jax.evaluators import knn as knn_lib
@@ -266,8 +267,7 @@ COMMANDS = {'knn': cmd_knn, 'linear': cmd_linear, 'attention': cmd_attention,
 
 
 # Bad inputs, each reported as one line naming the file (or field) and what is wrong
-ERRORS = (convert.ModelFileError, convert.CheckpointError, convert.UnsafeCheckpointError,
-          checkpointing.CheckpointMismatchError, data.DataError, FileNotFoundError)
+ERRORS = (DinoJaxError, FileNotFoundError)
 
 
 def main(argv=None):

@@ -1,4 +1,8 @@
-"""python -m dino_jax.main --config=configs/vit_s16.py --workdir=DIR [--config.field=value ...]"""
+"""python -m dino_jax.main --config=configs/vit_s16.py --workdir=DIR [--config.field=value ...]
+
+Our progress lines go to stdout; library INFO log lines to WORKDIR/log.txt (absl's
+--alsologtostderr also shows them on stderr; warnings and errors always show there).
+"""
 from __future__ import annotations
 
 import re
@@ -23,8 +27,8 @@ if __name__ == '__main__':  # before the heavy imports; the loop's preemption wa
 from absl import app, flags
 from ml_collections import config_flags
 
-from dino_jax import checkpointing, convert, data, distributed, train, watchdog
-from dino_jax.validate import ConfigError
+from dino_jax import distributed, metrics, train
+from dino_jax.errors import DinoJaxError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                           lock_config=True)
@@ -57,12 +61,11 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   del argv
+  metrics.quiet_library_logs()  # library INFO log lines -> WORKDIR/log.txt, not stderr
   try:
     distributed.initialize(_CONFIG.value.distributed)  # before anything touches a device
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, data.DataError, distributed.DistributedConfigError,
-          train.DivergenceError, checkpointing.CheckpointMismatchError, convert.ModelFileError,
-          watchdog.CollapseError) as e:
+  except DinoJaxError as e:  # a config field, the data, a checkpoint, a diverged run: one line
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
 

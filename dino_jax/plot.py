@@ -20,8 +20,10 @@ import matplotlib
 matplotlib.use('Agg')  # files only, no screen needed
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
 
+from dino_jax.errors import DinoJaxError  # noqa: E402  pylint: disable=wrong-import-position
 
-class PlotError(ValueError):
+
+class PlotError(DinoJaxError, ValueError):
   """metrics.jsonl is missing or holds nothing to plot."""
 
 

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 from typing import Callable
 
@@ -13,96 +11,24 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from etils import epath
 from flax import nnx
 
 from dino_jax import augment, checkpointing, data, distributed, models, optim, paths, sharding
 from dino_jax import state as state_lib
 from dino_jax import watchdog as watchdog_lib
 from dino_jax import train_step as train_step_lib
+from dino_jax.errors import DinoJaxError
 from dino_jax.evaluators import attention as attention_lib
 from dino_jax.evaluators import features as features_lib
 from dino_jax.evaluators import knn
+from dino_jax.metrics import MetricWriter, start_log_file
 from dino_jax.schedules import Schedules
 from dino_jax.validate import validate
 
 
-class DivergenceError(FloatingPointError):
+class DivergenceError(DinoJaxError, FloatingPointError):
   """The run diverged: a loss, gradient or parameter norm is not finite, or the student's
   parameters grew past config.max_param_growth times their norm where the run started."""
-
-
-class MetricWriter:
-  """metrics.jsonl + TensorBoard + stdout, written by process 0 only.
-
-  Local workdirs append to metrics.jsonl; bucket workdirs (gs://...), whose objects cannot be
-  appended to, rewrite it whole at each write (it stays small: one line per logged step).
-  """
-
-  def __init__(self, workdir: str):
-    self.active = jax.process_index() == 0
-    self.path = epath.Path(workdir) / 'metrics.jsonl'
-    self.remote = paths.is_remote(workdir)
-    self.lines = []
-    self.tb = None
-    if self.active:
-      if self.remote and self.path.exists():
-        self.lines = self.path.read_text().splitlines(keepends=True)
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-
-  def write(self, step: int, values: dict) -> None:
-    if not self.active:
-      return
-    self._append(json.dumps({'step': int(step), **{k: float(v) for k, v in values.items()}})
-                 + '\n')
-    for k, v in values.items():
-      self.tb.add_scalar(k, float(v), int(step))
-    self.tb.flush()
-
-  def event(self, step: int, event: str, **fields: str) -> None:
-    """One non-numeric line in metrics.jsonl, e.g. {"step": 300, "event": "collapse", ...}."""
-    if not self.active:
-      return
-    self._append(json.dumps({'step': int(step), 'event': event, **fields}) + '\n')
-
-  def resume_at(self, step: int) -> None:
-    """Drop the lines past `step`: a killed run logged them after its last checkpoint, and the
-    resumed run logs those steps again (a reader would see every resumed stretch twice).
-    A line cut short by the kill is dropped too (the next line would be glued to it)."""
-    if not self.active:
-      return
-    lines = self.lines if self.remote else (
-        self.path.read_text().splitlines(keepends=True) if self.path.exists() else [])
-    kept = [l for l in lines if _line_step(l) <= step]
-    if len(kept) == len(lines):
-      return
-    if self.remote:
-      self.lines = kept
-      self.path.write_text(''.join(kept))
-    else:
-      tmp = self.path.parent / (self.path.name + '.tmp')
-      tmp.write_text(''.join(kept))
-      os.replace(tmp, self.path)
-
-  def _append(self, line: str) -> None:
-    if self.remote:
-      self.lines.append(line)
-      self.path.write_text(''.join(self.lines))
-    else:
-      with self.path.open('a') as f:
-        f.write(line)
-
-  def close(self) -> None:
-    if self.tb is not None:
-      self.tb.close()
-
-
-def _line_step(line: str) -> int:
-  try:
-    return int(json.loads(line)['step'])
-  except (ValueError, KeyError, TypeError):
-    return 2 ** 62  # not a whole JSON line: cut short by a kill
 
 
 @dataclasses.dataclass
@@ -276,6 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   try:
     run = build(config)
     paths.makedirs(workdir)
+    start_log_file(workdir)  # main.py's library log, from the moment the workdir exists
     writer = MetricWriter(workdir)
     mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints,
                                  keep_every=config.keep_checkpoint_every)

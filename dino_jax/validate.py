@@ -5,12 +5,13 @@ import os
 
 from dino_jax import paths, sharding
 from dino_jax.data import sources
+from dino_jax.errors import DinoJaxError
 from dino_jax.schedules import LR_SCALING
 from dino_jax.models import FFNS, PATCH_SIZES, VARIANTS
 
 
-class ConfigError(ValueError):
-  pass
+class ConfigError(DinoJaxError, ValueError):
+  """A config field with a bad value; the message names the field."""
 
 
 def _check(ok: bool, field: str, message: str) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from dino_jax.errors import DinoJaxError
+
 LEVERS = {
     'uniform': ('loss.koleo_weight (e.g. 0.1), keep the prototypes frozen longer '
                 '(optim.freeze_last_layer), a lower loss.teacher_temp, a lower optim.lr or a '
@@ -22,7 +24,7 @@ LEVERS = {
 }
 
 
-class CollapseError(RuntimeError):
+class CollapseError(DinoJaxError, RuntimeError):
   """The run collapsed and config.watchdog.stop asked to stop."""
 
 

@@ -16,6 +16,7 @@ import pytest
 import dino_jax
 from conftest import REPO, tiny_config
 from dino_jax import augment, checkpointing, inference, paths, sharding, train
+from dino_jax.metrics import MetricWriter
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 LONG = {'epochs': 16, 'checkpoint_every': 32}  # 64 steps, one checkpoint half way
@@ -331,12 +332,12 @@ def test_bucket_workdirs_keep_their_scheme(tmp_path, monkeypatch):
   assert checkpointing.checkpoint_dir('gs://bucket/run') == 'gs://bucket/run/checkpoints'
   assert checkpointing.checkpoint_dir('rel/run') == os.path.abspath('rel/run/checkpoints')
   monkeypatch.setattr(paths, 'is_remote', lambda path: True)
-  w = train.MetricWriter(str(tmp_path))
+  w = MetricWriter(str(tmp_path))
   assert w.remote
   w.write(1, {'loss': 2.0})
   w.write(2, {'loss': 1.5})
   w.close()
-  w = train.MetricWriter(str(tmp_path))  # a resumed run
+  w = MetricWriter(str(tmp_path))  # a resumed run
   w.write(3, {'loss': 1.0})
   w.close()
   lines = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import REPO, tiny_config
 from dino_jax import checkpointing, train
+from dino_jax.metrics import MetricWriter
 from dino_jax.validate import ConfigError, validate
 
 
@@ -138,14 +139,14 @@ def test_shipped_configs_are_valid(name):
 
 
 def test_metric_writer_drops_lines_past_the_resumed_step(tmp_path):
-  w = train.MetricWriter(str(tmp_path))
+  w = MetricWriter(str(tmp_path))
   for step in (1, 2, 3):
     w.write(step, {'loss': float(step)})
   w.event(3, 'collapse_warning', symptom='uniform', message='m')
   w.close()
   with open(tmp_path / 'metrics.jsonl', 'a') as f:
     f.write('{"step": 4, "lo')  # killed mid-line
-  w = train.MetricWriter(str(tmp_path))
+  w = MetricWriter(str(tmp_path))
   w.resume_at(2)
   w.write(3, {'loss': 30.0})
   w.close()

@@ -19,9 +19,10 @@ from typing import Protocol
 import numpy as np
 
 from dino_jax import paths
+from dino_jax.errors import DinoJaxError
 
 
-class DataError(ValueError):
+class DataError(DinoJaxError, ValueError):
   """The data cannot train: an empty or unreadable dataset, or one smaller than a batch."""
 
 
