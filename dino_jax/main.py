@@ -5,18 +5,25 @@ Our progress lines go to stdout; library INFO log lines to WORKDIR/log.txt (absl
 """
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
 
 
 def _stop_during_startup(signum, frame):
-  """SIGTERM before training steps run (imports, data, restore, compile): nothing to save."""
+  """SIGTERM before training steps run (imports, data, restore, compile): nothing to save.
+
+  Exits at once with os._exit: a SystemExit raised from a signal handler lands wherever the
+  main thread is, and there it was seen swallowed (inside a garbage-collector callback of
+  jaxlib's: the run went on training) or followed by a segmentation fault (SIGTERM 5-8 s into
+  a configs/cpu.py run). Nothing is being written at start-up: no save has begun."""
   del signum, frame
   print('dino_jax: SIGTERM during start-up, before the first step: stopped with nothing to '
         'save (the workdir is as it was); rerun the same command to start or resume',
         file=sys.stderr, flush=True)
-  sys.exit(143)  # 128 + SIGTERM, what the signal itself would have given
+  sys.stdout.flush()
+  os._exit(143)  # 128 + SIGTERM, what the signal itself would have given
 
 
 if __name__ == '__main__':  # before the heavy imports; the loop's preemption watch takes over
