@@ -224,7 +224,8 @@ def check_resumable(saved: dict, current: dict, workdir: str) -> None:
         f'or set those fields as the checkpoint has them.')
   other = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
   if other:
-    logging.info('resuming with changed config fields: %s', ', '.join(other))
+    if jax.process_index() == 0:
+      print(f'dino_jax: resuming with changed config fields: {", ".join(other)}', flush=True)
 
 
 def _open(path: str, step: int | None) -> tuple[ocp.CheckpointManager, int]:

@@ -78,7 +78,7 @@ def start_log_file(workdir: str) -> str | None:
 
 
 class MetricWriter:
-  """metrics.jsonl + TensorBoard + stdout, written by process 0 only.
+  """metrics.jsonl + TensorBoard, written by process 0 only.
 
   Local workdirs append to metrics.jsonl; bucket workdirs (gs://...), whose objects cannot be
   appended to, rewrite it whole at each write (it stays small: one line per logged step).
