@@ -342,6 +342,15 @@ def restore_raw(workdir: str, step: int | None = None):
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {mngr.directory}')
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+  # numpy arrays, so a checkpoint saved on 8 devices reads in a process that has 1
+  metadata = ocp.StandardCheckpointHandler().metadata(
+      epath.Path(str(mngr.directory)) / str(step) / 'state')
+  metadata = getattr(metadata, 'item_metadata', metadata)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(restore_args=restore_args),
+        config=ocp.args.JsonRestore()))
+  finally:
+    mngr.close()
   return restored['state'], restored['config']

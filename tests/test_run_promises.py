@@ -225,3 +225,19 @@ def test_sigterm_during_start_up_stops_with_one_line(tmp_path):
   assert 'SIGTERM during start-up, before the first step: stopped with nothing to save' in err
   assert 'Traceback' not in err
   assert not (tmp_path / 'w' / 'checkpoints').exists()
+
+
+def test_restore_raw_reads_an_8_device_checkpoint_in_a_1_device_process(trained):
+  """Export tools read checkpoints where they are, often on another machine (soak.py found
+  orbax refusing the saved topology)."""
+  src, _ = trained
+  code = ('from dino_jax import checkpointing; import jax; '
+          f's, c = checkpointing.restore_raw({src!r}); '
+          'print(jax.device_count(), len(jax.tree.leaves(s)), int(s["step"]))')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        timeout=300, env=env, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  n_devices, n_leaves, step = proc.stdout.split()[-3:]
+  assert n_devices == '1' and int(n_leaves) > 10 and step == '8'
