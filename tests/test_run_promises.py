@@ -176,7 +176,7 @@ def test_runaway_parameters_stop_the_run_before_a_save(tmp_path, digits_npz):
 @pytest.mark.parametrize('field,value,message', [
     ('data.source', 'npz:/no/such/file.npz', "config.data.source: no such file or folder "
                                               "'/no/such/file.npz'"),
-    ('mesh.fsdp', 3, 'config.mesh: data=-1 x fsdp=3'),
+    ('mesh.fsdp', 3, 'config.mesh: data=2 x fsdp=3 does not use the 8 available devices'),
     ('model.head_layers', 0, 'config.model.head_layers: must be >= 1, got 0'),
     ('knn.batch_size', 0, 'config.knn.batch_size: must be positive, got 0'),
     ('optim.warmup_epochs', -1, 'config.optim.warmup_epochs: -1 is not in [0, epochs=2]'),
