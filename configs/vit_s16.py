@@ -40,7 +40,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.mask_token = False  # learned token for masked patches (iBOT / DINOv2 masking)
   c.model.interpolate_offset = 0.1  # pos-embed resize scale (n + offset)/S; 0: exact size
   c.model.interpolate_antialias = False  # antialiased bicubic pos-embed resize (v2 reg models)
-  c.model.remat = False  # recompute each block in the backward pass (less memory, ~1/3 more compute)
+  # What each block keeps for the backward pass: 'none' (everything) | 'block' (only its input:
+  # least memory, ~1/3 more compute) | 'dots' (the qkv/proj/MLP products; recomputes attention,
+  # norms and GELU). Typed object so that saved configs' True/False still load (aliases of
+  # 'block'/'none').
+  c.model.remat = ml_collections.FieldReference('none', field_type=object)
+  c.model.pack_crops = True  # student runs all crops as one token matrix (attention per crop)
   c.model.out_dim = 65536  # K prototypes
   c.model.norm_last_layer = True  # freeze the prototypes' scale g at 1
   c.model.head_hidden_dim = 2048
@@ -78,6 +83,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.warmup_teacher_temp_epochs = 0  # linear warmup length
   c.loss.teacher_temp_per_step = False  # warmup per step (DINOv2) instead of per epoch (v1)
   c.loss.center_momentum = 0.9
+  # Head's last layer, softmaxes and loss in chunks of this many prototypes, f32 statistics,
+  # so no (rows x out_dim) f32 logits are kept (0: all at once; if smaller than out_dim and
+  # model.ibot_out_dim, it must divide them).
+  c.loss.prototype_chunk = 0
   c.loss.centering = 'centering'  # teacher targets: 'centering' (EMA) | 'sinkhorn_knopp'
   c.loss.koleo_weight = 0.0  # KoLeo on the student's global CLS, per crop (DINOv2: 0.1)
   c.loss.ibot_weight = 0.0  # iBOT masked-patch loss (DINOv2: 1.0; needs model.mask_token)

@@ -42,8 +42,13 @@ def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.
 
 def update_center(center: jax.Array, teacher_logits: jax.Array, momentum=0.9) -> jax.Array:
   """EMA of the batch mean of the raw teacher logits (global mean under jit with sharding)."""
-  batch_center = jnp.mean(teacher_logits.astype(jnp.float32), axis=0, keepdims=True)
-  return center * momentum + batch_center * (1.0 - momentum)
+  return center_ema(center, jnp.mean(teacher_logits.astype(jnp.float32), axis=0, keepdims=True),
+                    momentum)
+
+
+def center_ema(center: jax.Array, batch_mean: jax.Array, momentum=0.9) -> jax.Array:
+  """center * momentum + batch_mean * (1 - momentum): the update of both centers."""
+  return center * momentum + batch_mean * (1.0 - momentum)
 
 
 def entropy(p: jax.Array) -> jax.Array:
@@ -140,6 +145,10 @@ def ibot_patch_loss(student_logits: jax.Array, targets: jax.Array, weights: jax.
 def update_patch_center(center: jax.Array, patch_logits: jax.Array, valid: jax.Array,
                         momentum=0.9) -> jax.Array:
   """EMA of the mean teacher logit over the valid (masked) tokens."""
-  mean = (jnp.sum(jnp.where(valid[:, None], patch_logits.astype(jnp.float32), 0.0), axis=0,
+  return center_ema(center, masked_mean(patch_logits, valid), momentum)
+
+
+def masked_mean(logits: jax.Array, valid: jax.Array) -> jax.Array:
+  """(1, K) mean of the rows where `valid` (f32; 0 when none is)."""
+  return (jnp.sum(jnp.where(valid[:, None], logits.astype(jnp.float32), 0.0), axis=0,
                   keepdims=True) / jnp.maximum(jnp.sum(valid), 1))
-  return center * momentum + mean * (1.0 - momentum)

@@ -3,20 +3,22 @@ shardings.
 
 Inside: multi-crop augmentation of the uint8 canvases; for DINOv2 the block masks of the global
 crops; the teacher on the global crops (CLS targets, and patch targets at the masked positions);
-the student on every crop (masked global crops, one backbone pass per resolution); the DINO
-loss (+ iBOT, + KoLeo); the optimizer update; the teacher EMA and the center EMAs.
+the student on every crop (masked global crops; with model.pack_crops all crops as one packed
+token matrix, else one backbone pass per resolution); the DINO loss (+ iBOT, + KoLeo), over
+all prototypes at once or, with loss.prototype_chunk, in chunks of the prototype axis
+(prototype_loss.py); the optimizer update; the teacher EMA and the center EMAs.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dino_jax import augment, losses, masking
+from dino_jax import augment, losses, masking, prototype_loss
 from dino_jax.schedules import Schedules
 from dino_jax.state import TrainState
 
@@ -29,6 +31,7 @@ class LossSpec:
   koleo_weight: float = 0.0
   ibot_weight: float = 0.0
   mask: masking.MaskSpec | None = None  # needed when ibot_weight > 0
+  prototype_chunk: int = 0  # prototypes per chunk of the head's last layer and loss; 0: all
 
   @classmethod
   def from_config(cls, config) -> 'LossSpec':
@@ -37,7 +40,8 @@ class LossSpec:
     return cls(center_momentum=l.center_momentum, centering=l.centering,
                koleo_weight=l.koleo_weight, ibot_weight=l.ibot_weight,
                mask=masking.MaskSpec((grid, grid), probability=l.mask_probability,
-                                     ratio=tuple(l.mask_ratio)))
+                                     ratio=tuple(l.mask_ratio)),
+               prototype_chunk=l.prototype_chunk)
 
 
 def _targets(spec: LossSpec, logits, center, temp, valid=None):
@@ -45,6 +49,34 @@ def _targets(spec: LossSpec, logits, center, temp, valid=None):
   if spec.centering == 'sinkhorn_knopp':
     return losses.sinkhorn_knopp(logits, temp, valid=valid)
   return losses.teacher_probs(logits, center, temp)
+
+
+class Teacher(NamedTuple):
+  """What the teacher gives one loss term: targets, the batch mean for its center, stats."""
+  q: jax.Array  # (rows, K); chunk-major (n_chunks, rows, size) when chunked
+  batch_mean: jax.Array  # (1, K) raw logits' mean over the (valid) rows
+  stats: dict  # teacher_entropy, prototypes_used, logit_std
+
+
+def _teacher(spec: LossSpec, head, x, center, temp, valid=None) -> Teacher:
+  """Targets for the rows x (CLS tokens or masked patch tokens) through the teacher's head."""
+  if spec.prototype_chunk and spec.centering == 'centering':
+    return Teacher(*prototype_loss.centered_targets(head.features(x), head.last_layer.weight(),
+                                                    center, temp, spec.prototype_chunk, valid))
+  t = jax.lax.stop_gradient(head(x).astype(jnp.float32))
+  q = _targets(spec, t, center, temp, valid)
+  mean = (jnp.mean(t, axis=0, keepdims=True) if valid is None
+          else losses.masked_mean(t, valid))
+  stats = {'teacher_entropy': losses.entropy(q),
+           **{k: v for k, v in losses.collapse_stats(t, center, q).items() if k != 'center_norm'}}
+  if spec.prototype_chunk:  # Sinkhorn-Knopp needs every logit: only the student is chunked
+    q = prototype_loss.to_chunks(q, prototype_loss.chunking(q.shape[1], spec.prototype_chunk)[0])
+  return Teacher(q, mean, stats)
+
+
+def _batch_shards(sharding, n_rows: int) -> int:
+  """Shards of a batch axis of n_rows under `sharding` (1 without one)."""
+  return 1 if sharding is None else n_rows // sharding.shard_shape((n_rows,))[0]
 
 
 def make(student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.GradientTransformation,
@@ -57,8 +89,26 @@ def make(student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.Gradien
   """
   n_global = len(aug.global_crops)
   ibot = loss.ibot_weight > 0
+  chunked = loss.prototype_chunk > 0
   constrain = ((lambda x: jax.lax.with_sharding_constraint(x, crop_sharding))
                if crop_sharding is not None else (lambda x: x))
+
+  def student_backbone(student, global_crops, local_crops, masks, key):
+    """(global crops' ViTOutput, CLS tokens of every crop, crop-major)."""
+    k_g, k_l = jax.random.split(key)
+    if local_crops is None:
+      g_out = student.backbone(global_crops, key=k_g, masks=masks)
+      return g_out, g_out.cls
+    if student.backbone.cfg.pack_crops:
+      rows = (global_crops.shape[0], local_crops.shape[0])
+      shards = _batch_shards(crop_sharding, sum(rows))
+      shards = shards if all(r % shards == 0 for r in rows) else 1
+      g_out, l_out = student.backbone.packed([global_crops, local_crops], keys=[k_g, k_l],
+                                             masks=[masks, None], shards=shards)
+    else:
+      g_out = student.backbone(global_crops, key=k_g, masks=masks)
+      l_out = student.backbone(local_crops, key=k_l)
+    return g_out, jnp.concatenate([g_out.cls, l_out.cls], axis=0)
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(state.rng, state.step)
@@ -69,6 +119,7 @@ def make(student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.Gradien
     n_img = global_crops.shape[0]  # n_global * B rows, crop-major
     b = n_img // n_global
     temp = schedules.teacher_temp_at(state.step)
+    s_temp = schedules.student_temp
 
     masks = idx = valid = weights = None
     if ibot:
@@ -77,24 +128,27 @@ def make(student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.Gradien
 
     teacher = nnx.merge(teacher_def, state.teacher_params)
     t_out = teacher.backbone(global_crops)
-    t_logits = jax.lax.stop_gradient(teacher.head(t_out.cls).astype(jnp.float32))
-    targets = _targets(loss, t_logits, state.center, temp)
+    dino_t = _teacher(loss, teacher.head, t_out.cls, state.center, temp)
     if ibot:
       t_patches = t_out.patches.reshape(-1, t_out.patches.shape[-1])[idx]
-      t_patch_logits = jax.lax.stop_gradient(
-          teacher.patch_head(t_patches).astype(jnp.float32))
-      patch_targets = _targets(loss, t_patch_logits, state.patch_center, temp, valid)
+      ibot_t = _teacher(loss, teacher.patch_head, t_patches, state.patch_center, temp, valid)
 
     def loss_fn(params):
       student = nnx.merge(student_def, params)
-      k_g, k_l = jax.random.split(k_drop)
-      g_out = student.backbone(global_crops, key=k_g, masks=masks)
-      cls = [g_out.cls]
-      if local_crops is not None:
-        cls.append(student.backbone(local_crops, key=k_l).cls)
-      s_logits = student.head(jnp.concatenate(cls, axis=0)).astype(jnp.float32)
-      terms = {'dino_loss': losses.cross_entropy_pairs(s_logits, targets,
-                                                       schedules.student_temp, n_global)}
+      g_out, cls = student_backbone(student, global_crops, local_crops, masks, k_drop)
+      if chunked:
+        n_crops = cls.shape[0] // b
+        dino, aux = prototype_loss.cross_entropy(
+            student.head.features(cls), student.head.last_layer.weight(), dino_t.q,
+            prototype_loss.dino_pairs(n_global, n_crops, b), s_temp)
+        stats = {'kl': -dino_t.stats['teacher_entropy'] - aux['cross_self'],
+                 'student_entropy': aux['student_entropy']}
+      else:
+        s_logits = student.head(cls).astype(jnp.float32)
+        dino = losses.cross_entropy_pairs(s_logits, dino_t.q, s_temp, n_global)
+        stats = losses.distill_stats(s_logits, dino_t.q, s_temp, n_global)
+        del stats['teacher_entropy']  # from the teacher pass, the same number
+      terms = {'dino_loss': dino}
       total = terms['dino_loss']
       if loss.koleo_weight > 0:
         terms['koleo'] = sum(losses.koleo(g_out.cls[c * b:(c + 1) * b])
@@ -102,23 +156,27 @@ def make(student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.Gradien
         total = total + loss.koleo_weight * terms['koleo']
       if ibot:
         s_patches = g_out.patches.reshape(-1, g_out.patches.shape[-1])[idx]
-        s_patch_logits = student.patch_head(s_patches).astype(jnp.float32)
-        terms['ibot_loss'] = losses.ibot_patch_loss(s_patch_logits, patch_targets, weights,
-                                                    schedules.student_temp, n_img)
+        if chunked:
+          terms['ibot_loss'], _ = prototype_loss.cross_entropy(
+              student.patch_head.features(s_patches), student.patch_head.last_layer.weight(),
+              ibot_t.q, prototype_loss.row_pairs(weights, n_img), s_temp)
+        else:
+          s_patch_logits = student.patch_head(s_patches).astype(jnp.float32)
+          terms['ibot_loss'] = losses.ibot_patch_loss(s_patch_logits, ibot_t.q, weights,
+                                                      s_temp, n_img)
         total = total + loss.ibot_weight * terms['ibot_loss']
-      return total, (s_logits, terms)
+      return total, (terms, stats)
 
-    (total, (s_logits, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (total, (terms, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     m = schedules.teacher_momentum(state.step)
     teacher_params = jax.tree.map(lambda t, s: m * t + (1.0 - m) * s, state.teacher_params,
                                   params)
-    center = losses.update_center(state.center, t_logits, loss.center_momentum)
+    center = losses.center_ema(state.center, dino_t.batch_mean, loss.center_momentum)
     patch_center = state.patch_center
     if ibot:
-      patch_center = losses.update_patch_center(patch_center, t_patch_logits, valid,
-                                                loss.center_momentum)
+      patch_center = losses.center_ema(patch_center, ibot_t.batch_mean, loss.center_momentum)
       terms['masked_fraction'] = jnp.mean(masks)
 
     metrics = {'loss': total, **terms, 'grad_norm': optax.global_norm(grads),
@@ -126,8 +184,8 @@ def make(student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.Gradien
                'teacher_param_norm': optax.global_norm(teacher_params),
                **schedules.values(state.step),
                'last_layer_grad_norm': optax.global_norm(grads['head']['last_layer']),
-               **losses.distill_stats(s_logits, targets, schedules.student_temp, n_global),
-               **losses.collapse_stats(t_logits, state.center, targets)}
+               **dino_t.stats, **stats,
+               'center_norm': jnp.sqrt(jnp.mean(jnp.square(state.center)))}
     new_state = state.replace(step=state.step + 1, params=params, teacher_params=teacher_params,
                               opt_state=opt_state, center=center, patch_center=patch_center)
     return new_state, metrics

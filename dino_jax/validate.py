@@ -7,7 +7,7 @@ from dino_jax import paths, sharding
 from dino_jax.data import sources
 from dino_jax.errors import DinoJaxError
 from dino_jax.schedules import LR_SCALING
-from dino_jax.models import FFNS, PATCH_SIZES, VARIANTS
+from dino_jax.models import FFNS, PATCH_SIZES, REMAT_POLICIES, VARIANTS, patch_out_dim
 
 
 class ConfigError(DinoJaxError, ValueError):
@@ -65,6 +65,12 @@ def validate(config, n_devices: int | None = None) -> None:
   _check(m.n_registers >= 0, 'model.n_registers', f'must be >= 0, got {m.n_registers}')
   _check(m.layerscale >= 0, 'model.layerscale', f'must be >= 0 (0: off), got {m.layerscale}')
   _check(m.interpolate_offset >= 0, 'model.interpolate_offset', 'must be >= 0')
+  _check(isinstance(m.remat, bool) or m.remat in REMAT_POLICIES, 'model.remat',
+         f'{m.remat!r} is not one of {sorted(REMAT_POLICIES)} (or True/False: block/none)')
+  _check(l.prototype_chunk >= 0, 'loss.prototype_chunk', 'must be >= 0 (0: no chunks)')
+  for k in {m.out_dim, patch_out_dim(config)} if l.ibot_weight > 0 else {m.out_dim}:
+    _check(l.prototype_chunk == 0 or l.prototype_chunk >= k or k % l.prototype_chunk == 0,
+           'loss.prototype_chunk', f'{l.prototype_chunk} does not divide {k} prototypes')
   _check(l.centering in ('centering', 'sinkhorn_knopp'), 'loss.centering',
          f"{l.centering!r} is not 'centering' or 'sinkhorn_knopp'")
   _check(l.ibot_weight >= 0 and l.koleo_weight >= 0, 'loss.ibot_weight',

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dino_jax.models.head import DINOHead
-from dino_jax.models.vit import FFNS, PATCH_SIZES, VARIANTS, ViT, ViTConfig, ViTOutput
+from dino_jax.models.vit import (FFNS, PATCH_SIZES, REMAT_POLICIES, VARIANTS, ViT, ViTConfig,
+                                 ViTOutput, remat_policy)
 
 
 class DINO(nnx.Module):
@@ -34,11 +35,15 @@ class DINO(nnx.Module):
     """Head logits (f32) for crops grouped by resolution, crop-major rows.
 
     crops: list of arrays (n_crops_r * B, H_r, W_r, 3), one per resolution. One backbone pass
-    per resolution, then a single head pass over all CLS tokens.
+    per resolution, or one packed pass over all (ViTConfig.pack_crops), then a single head
+    pass over all CLS tokens.
     """
-    keys = jax.random.split(key, len(crops)) if key is not None else [None] * len(crops)
-    cls = jnp.concatenate([self.backbone(c, key=k).cls for c, k in zip(crops, keys)], axis=0)
-    return self.head(cls).astype(jnp.float32)
+    keys = jax.random.split(key, len(crops)) if key is not None else None
+    if self.backbone.cfg.pack_crops and len(crops) > 1:
+      outs = self.backbone.packed(crops, keys=keys)
+    else:
+      outs = [self.backbone(c, key=k) for c, k in zip(crops, keys or [None] * len(crops))]
+    return self.head(jnp.concatenate([o.cls for o in outs], axis=0)).astype(jnp.float32)
 
 
 def patch_out_dim(config) -> int:
@@ -56,12 +61,12 @@ def build(config, *, teacher: bool = False, dtype=None, seed: int = 0) -> DINO:
       drop_path_uniform=m.drop_path_uniform, layerscale=m.layerscale,
       n_registers=m.n_registers, ffn=m.ffn, mask_token=m.mask_token,
       interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias,
-      remat=m.remat)
+      remat=m.remat, pack_crops=m.pack_crops)
   return DINO(vit_cfg, m.out_dim, head_hidden_dim=m.head_hidden_dim,
               head_bottleneck_dim=m.head_bottleneck_dim, head_layers=m.head_layers,
               ibot_out_dim=patch_out_dim(config) if m.ibot_separate_head else 0,
               ibot_bottleneck_dim=m.ibot_bottleneck_dim, dtype=jnp.dtype(dtype or config.dtype), rngs=nnx.Rngs(seed))
 
 
-__all__ = ['DINO', 'DINOHead', 'FFNS', 'PATCH_SIZES', 'VARIANTS', 'ViT', 'ViTConfig', 'ViTOutput',
-           'build', 'patch_out_dim']
+__all__ = ['DINO', 'DINOHead', 'FFNS', 'PATCH_SIZES', 'REMAT_POLICIES', 'VARIANTS', 'ViT',
+           'ViTConfig', 'ViTOutput', 'build', 'patch_out_dim', 'remat_policy']

@@ -33,10 +33,13 @@ class WeightNormLinear(nnx.Module):
                                                  -bound, bound))
     self.weight_g = nnx.Param(jnp.ones((1, out_dim), jnp.float32))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def weight(self) -> jax.Array:
+    """The (in, out) float32 matrix g * v / ||v||: the prototypes as columns."""
     v = self.weight_v[...]
-    w = self.weight_g[...] * v / jnp.linalg.norm(v, axis=0, keepdims=True)
-    return x @ w.astype(x.dtype)
+    return self.weight_g[...] * v / jnp.linalg.norm(v, axis=0, keepdims=True)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x @ self.weight().astype(x.dtype)
 
 
 class DINOHead(nnx.Module):
@@ -51,9 +54,14 @@ class DINOHead(nnx.Module):
                          for a, b in zip(dims[:-1], dims[1:])])
     self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def features(self, x: jax.Array) -> jax.Array:
+    """The L2-normalised bottleneck the prototypes are matched against (the last layer's
+    input; `prototype_loss` takes these with `last_layer.weight()` to work in chunks)."""
     for i, layer in enumerate(self.mlp):
       x = layer(x)
       if i < len(self.mlp) - 1:
         x = vit.gelu(x)
-    return self.last_layer(l2_normalize(x))
+    return l2_normalize(x)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.last_layer(self.features(x))

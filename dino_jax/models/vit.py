@@ -4,7 +4,11 @@ Weights and numerics follow the official DINO ViT: qkv bias, exact GELU, LayerNo
 stochastic depth rates linspace(0, rate) over blocks, N(0, 0.02) init for tokens and linears,
 PyTorch's default uniform init for the patch convolution. Positional embeddings are resized to
 other crop sizes with PyTorch bicubic semantics (A=-0.75, border clamp, the official +0.1
-scale offset), computed as two small resampling matrices.
+scale offset; models/pos_embed.py). The feed-forward layers live in models/ffn.py.
+
+`ViT.packed` runs crops of several sizes as one token matrix (models/packing.py): what is
+token-wise runs once over all crops, attention per crop size. `ViTConfig.remat` names what a
+block keeps for the backward pass (REMAT_POLICIES).
 
 DINOv2 options (ViTConfig; all off by default, which is DINO v1): LayerScale on both residual
 branches, register tokens ([CLS, registers, patches], registers get no pos-embed), a SwiGLU FFN
@@ -25,6 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dino_jax.models import packing
+from dino_jax.models.ffn import LayerScale, Mlp, SwiGLU, gelu, swiglu_hidden  # noqa: F401
+from dino_jax.models.pos_embed import (interpolate_pos_embed, torch_bicubic_aa_matrix,  # noqa: F401
+                                       torch_bicubic_matrix)
+
 # name -> (width, depth, heads). Head dim is 64 for the paper's models.
 VARIANTS: dict[str, tuple[int, int, int]] = {
     'vit_pico': (96, 4, 3),  # CPU recipe: a few minutes per epoch of CIFAR on 2 cores
@@ -35,6 +44,12 @@ VARIANTS: dict[str, tuple[int, int, int]] = {
     'vit_giant2': (1536, 40, 24),  # DINOv2 ViT-g/14 (use ffn='swiglu')
 }
 FFNS = ('mlp', 'swiglu')
+# What a block keeps for the backward pass (config.model.remat): 'none' keeps every activation;
+# 'block' keeps only the block's input and recomputes the rest; 'dots' keeps the outputs of
+# the token-wise matrix products (qkv, proj, MLP; no batch dimensions) and recomputes
+# attention, norms and activations.
+REMAT_POLICIES = {'none': None, 'block': None,
+                  'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 PATCH_SIZES = (4, 8, 14, 16)
 LN_EPS = 1e-6
 
@@ -63,9 +78,11 @@ class ViTConfig:
   mask_token: bool = False  # learned (1, D) token that `masks` put in place of patches
   interpolate_offset: float = 0.1  # pos-embed resize scale (n + offset)/S; 0: exact size n
   interpolate_antialias: bool = False  # antialiased bicubic (DINOv2 register models)
-  remat: bool = False  # recompute each block's activations in the backward pass
+  remat: str = 'none'  # REMAT_POLICIES name (True/False: 'block'/'none', older configs)
+  pack_crops: bool = False  # multi-crop passes as one packed token matrix (DINO.multicrop, step)
 
   def __post_init__(self):
+    object.__setattr__(self, 'remat', remat_policy(self.remat))
     if self.ffn not in FFNS:
       raise ValueError(f'unknown ffn {self.ffn!r}; choose one of {FFNS}')
     if self.n_registers < 0 or self.layerscale < 0:
@@ -79,89 +96,21 @@ class ViTConfig:
     return cls(width=width, depth=depth, heads=heads, patch_size=patch_size, **kw)
 
 
+def remat_policy(value) -> str:
+  """A REMAT_POLICIES name; the bools of older configs are aliases (True: 'block')."""
+  if isinstance(value, bool):
+    return 'block' if value else 'none'
+  if value not in REMAT_POLICIES:
+    raise ValueError(f'unknown remat policy {value!r}; choose one of {sorted(REMAT_POLICIES)}')
+  return value
+
+
 class ViTOutput(NamedTuple):
   cls: jax.Array  # (B, D) after the final norm
   patches: jax.Array  # (B, N, D) after the final norm
   intermediates: tuple[jax.Array, ...]  # last n block outputs, each after the final norm
   attention: jax.Array | None  # (B, H, T, T) last block softmax attention, f32; T = 1+R+N
   registers: jax.Array | None = None  # (B, R, D) register tokens after the final norm
-
-
-def torch_bicubic_matrix(in_size: int, out_size: int, scale_factor: float) -> np.ndarray:
-  """(out_size, in_size) matrix of torch F.interpolate(mode='bicubic', align_corners=False).
-
-  With an explicit scale_factor torch samples src = (dst + 0.5) / scale_factor - 0.5 and uses
-  the cubic convolution kernel with A = -0.75, clamping indices at the border, no antialias.
-  """
-  a = -0.75
-
-  def kernel(t):
-    t = np.abs(t)
-    return np.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
-                    np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
-
-  m = np.zeros((out_size, in_size), np.float64)
-  for dst in range(out_size):
-    src = (dst + 0.5) / scale_factor - 0.5
-    base = math.floor(src)
-    frac = src - base
-    for k in range(-1, 3):
-      idx = min(max(base + k, 0), in_size - 1)
-      m[dst, idx] += kernel(frac - k)
-  return m
-
-
-def torch_bicubic_aa_matrix(in_size: int, out_size: int, scale_factor: float) -> np.ndarray:
-  """(out_size, in_size) matrix of torch F.interpolate(mode='bicubic', antialias=True).
-
-  PyTorch's antialiased path follows PIL: the cubic kernel with A = -0.5, widened by the
-  downscale factor s = 1/scale_factor when s > 1, truncated at the border and renormalised.
-  Weights are computed in float32, as PyTorch does for float32 inputs (parity to ~1e-7).
-  """
-  f = np.float32
-  a = f(-0.5)
-
-  def kernel(t):
-    t = np.abs(t).astype(f)
-    return np.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
-                    np.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, f(0))).astype(f)
-
-  scale = f(1.0 / scale_factor)
-  support = f(2.0) * max(scale, f(1.0))
-  inv = f(1.0) / scale if scale >= 1.0 else f(1.0)
-  m = np.zeros((out_size, in_size), f)
-  for dst in range(out_size):
-    center = scale * (f(dst) + f(0.5))
-    lo = max(int(center - support + f(0.5)), 0)
-    hi = min(int(center + support + f(0.5)), in_size)
-    wts = kernel((np.arange(lo, hi).astype(f) - center + f(0.5)) * inv)
-    total = f(0)
-    for w in wts:  # sequential float32 sum, as torch
-      total = f(total + w)
-    m[dst, lo:hi] = wts / total if total != 0 else wts
-  return m
-
-
-def interpolate_pos_embed(pos_patch: jax.Array, h: int, w: int, offset: float = 0.1,
-                          antialias: bool = False) -> jax.Array:
-  """Resize (1, S*S, D) patch pos-embeds to an h x w grid as the official code does.
-
-  offset > 0: torch scale_factor (n + offset) / S (DINO v1, DINOv2 without registers);
-  offset 0: an explicit output size, scale n / S. antialias: DINOv2 register models.
-  """
-  n = pos_patch.shape[1]
-  s = int(math.isqrt(n))
-  if s * s != n:
-    raise ValueError(f'pos_embed holds {n} patch positions, not a square grid')
-  if h == s and w == s:
-    return pos_patch
-  matrix = torch_bicubic_aa_matrix if antialias else torch_bicubic_matrix
-  my = matrix(s, h, (h + offset) / s)
-  mx = matrix(s, w, (w + offset) / s)
-  grid = pos_patch.reshape(s, s, -1)
-  out = jnp.einsum('ys,xt,std->yxd', jnp.asarray(my, jnp.float32), jnp.asarray(mx, jnp.float32),
-                   grid.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-  return out.reshape(1, h * w, -1).astype(pos_patch.dtype)
 
 
 def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -252,78 +201,37 @@ class Attention(nnx.Module):
     self.qkv = nnx.Linear(dim, 3 * dim, kernel_init=_normal02, dtype=dtype, rngs=rngs)
     self.proj = nnx.Linear(dim, dim, kernel_init=_normal02, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, *, return_attention: bool = False):
-    b, n, d = x.shape
+  def __call__(self, x, *, return_attention: bool = False, layout: packing.Layout | None = None):
+    """x: (B, N, D) tokens of one crop size, or a packed (P * M, D) matrix with its `layout`:
+    qkv and proj run over all tokens at once, attention within each crop-size group."""
+    d = x.shape[-1]
     hd = d // self.heads
-    qkv = self.qkv(x).reshape(b, n, 3, self.heads, hd)  # rows [q|k|v], head-major, as PyTorch
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if not return_attention:  # fused kernel where the platform has one (cuDNN on GPUs)
-      out = fused_attention(q, k, v, hd ** -0.5)
-      return self.proj(out.reshape(b, n, d)), None
+    qkv = self.qkv(x)
+    if layout is not None:
+      out = [self._attend(g, hd) for g in layout.split(qkv)]
+      return self.proj(layout.join(out)), None
+    if not return_attention:
+      return self.proj(self._attend(qkv, hd)), None
     # The exact path that also returns the f32 softmax maps (visualisation).
+    b, n, _ = x.shape
+    q, k, v = self._heads(qkv, hd)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (hd ** -0.5)
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     out = jnp.einsum('bhqk,bkhd->bqhd', attn.astype(v.dtype), v).reshape(b, n, d)
     return self.proj(out), attn
 
+  def _heads(self, qkv, hd):
+    b, n, _ = qkv.shape
+    qkv = qkv.reshape(b, n, 3, self.heads, hd)  # rows [q|k|v], head-major, as PyTorch
+    # one split (its gradient one concatenation), not three slices (three zero-padded sums)
+    return tuple(t.reshape(b, n, self.heads, hd) for t in jnp.split(qkv, 3, axis=2))
 
-@jax.custom_jvp
-def gelu(x: jax.Array) -> jax.Array:
-  """Exact GELU, x * Phi(x), as PyTorch's nn.GELU writes it: 0.5 x (1 + erf(x / sqrt 2)).
-
-  Same function as jax.nn.gelu(approximate=False) (within 2e-6), which goes through erfc: XLA
-  evaluates erfc with an exponential and range selects but erf as one rational polynomial, so
-  this form is about 2x faster on CPUs. The derivative Phi(x) + x phi(x) is given directly."""
-  return 0.5 * x * (1.0 + jax.lax.erf(x * _SQRT_HALF))
-
-
-@gelu.defjvp
-def _gelu_jvp(primals, tangents):
-  (x,), (dx,) = primals, tangents
-  cdf = 0.5 * (1.0 + jax.lax.erf(x * _SQRT_HALF))
-  pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
-  return x * cdf, (cdf + x * pdf) * dx
-
-
-_SQRT_HALF = math.sqrt(0.5)
-_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
-
-
-class Mlp(nnx.Module):
-
-  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
-    self.fc1 = nnx.Linear(dim, hidden, kernel_init=_normal02, dtype=dtype, rngs=rngs)
-    self.fc2 = nnx.Linear(hidden, dim, kernel_init=_normal02, dtype=dtype, rngs=rngs)
-
-  def __call__(self, x):
-    return self.fc2(gelu(self.fc1(x)))
-
-
-def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
-  """DINOv2's SwiGLU hidden width: 2/3 of the MLP width, rounded up to a multiple of 8."""
-  return (int(int(dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
-
-
-class SwiGLU(nnx.Module):
-  """w3(silu(a) * b) with [a | b] = w12(x): the first half of w12 is the gate."""
-
-  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
-    self.w12 = nnx.Linear(dim, 2 * hidden, kernel_init=_normal02, dtype=dtype, rngs=rngs)
-    self.w3 = nnx.Linear(hidden, dim, kernel_init=_normal02, dtype=dtype, rngs=rngs)
-
-  def __call__(self, x):
-    a, b = jnp.split(self.w12(x), 2, axis=-1)
-    return self.w3(jax.nn.silu(a) * b)
-
-
-class LayerScale(nnx.Module):
-  """Per-channel scale of a residual branch, gamma initialised to `init`."""
-
-  def __init__(self, dim: int, init: float):
-    self.gamma = nnx.Param(jnp.full((dim,), init, jnp.float32))
-
-  def __call__(self, x):
-    return x * self.gamma[...].astype(x.dtype)
+  def _attend(self, qkv, hd):
+    """(B, N, 3D) qkv of one crop size -> (B, N, D), through the fused kernel where the
+    platform has one (cuDNN on GPUs)."""
+    b, n, _ = qkv.shape
+    q, k, v = self._heads(qkv, hd)
+    return fused_attention(q, k, v, hd ** -0.5).reshape(b, n, self.heads * hd)
 
 
 def _ffn(cfg: ViTConfig, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
@@ -344,21 +252,32 @@ class Block(nnx.Module):
     self.ls1 = LayerScale(dim, cfg.layerscale) if cfg.layerscale else None
     self.ls2 = LayerScale(dim, cfg.layerscale) if cfg.layerscale else None
 
-  def __call__(self, x, key=None, *, return_attention=False):
-    k1, k2 = jax.random.split(key) if key is not None else (None, None)
-    y, attn = self.attn(self.norm1(x), return_attention=return_attention)
+  def __call__(self, x, key=None, *, return_attention=False, layout=None):
+    """x: (B, N, D) with one drop-path key, or packed (P * M, D) with its `layout` and one key
+    per crop-size group (the keys of unpacked passes, so the same crops are dropped)."""
+    if layout is None:
+      k1, k2 = jax.random.split(key) if key is not None else (None, None)
+      drop = lambda y, k: drop_path(y, self.drop_path_rate, k)
+    else:
+      k1, k2 = zip(*[jax.random.split(k) for k in key]) if key is not None else (None, None)
+      drop = lambda y, k: packing.drop_path(y, self.drop_path_rate, k, layout)
+    y, attn = self.attn(self.norm1(x), return_attention=return_attention, layout=layout)
     y = self.ls1(y) if self.ls1 is not None else y
-    x = x + drop_path(y, self.drop_path_rate, k1)
+    x = x + drop(y, k1)
     y = self.mlp(self.norm2(x))
     y = self.ls2(y) if self.ls2 is not None else y
-    x = x + drop_path(y, self.drop_path_rate, k2)
+    x = x + drop(y, k2)
     return x, attn
 
 
-@nnx.remat
-def _remat_block(block: Block, x, key):
-  """A block whose activations are recomputed in the backward pass (ViTConfig.remat)."""
-  return block(x, key)
+def _block_call(block: Block, x, key, layout):
+  return block(x, key, layout=layout)
+
+
+@functools.lru_cache(maxsize=None)
+def _remat_block(policy: str):
+  """The block call that recomputes in the backward pass what `policy` does not keep."""
+  return nnx.remat(_block_call, policy=REMAT_POLICIES[policy], static_argnums=(3,))
 
 
 class ViT(nnx.Module):
@@ -417,15 +336,37 @@ class ViT(nnx.Module):
     outs, attn = [], None
     for i, (block, k) in enumerate(zip(self.blocks, keys)):
       last = i == len(self.blocks) - 1
-      if self.cfg.remat and not (return_attention and last):
-        x, a = _remat_block(block, x, k)
+      if self.cfg.remat != 'none' and not (return_attention and last):
+        x, a = _remat_block(self.cfg.remat)(block, x, k, None)
       else:
         x, a = block(x, k, return_attention=return_attention and last)
       if i >= len(self.blocks) - n_last:
         outs.append(x)
       attn = a if last else attn
     normed = [self.norm(o) for o in outs]
+    return self._output(normed[-1], tuple(normed), attn)
+
+  def _output(self, x, intermediates, attn) -> ViTOutput:
     r = 1 + self.cfg.n_registers
-    return ViTOutput(cls=normed[-1][:, 0], patches=normed[-1][:, r:],
-                     intermediates=tuple(normed), attention=attn,
-                     registers=normed[-1][:, 1:r] if r > 1 else None)
+    return ViTOutput(cls=x[:, 0], patches=x[:, r:], intermediates=intermediates,
+                     attention=attn, registers=x[:, 1:r] if r > 1 else None)
+
+  def packed(self, images: list[jax.Array], *, keys=None, masks=None,
+             shards: int = 1) -> list[ViTOutput]:
+    """The outputs of `self(images[g], key=keys[g], masks=masks[g])` for every crop-size group
+    g, computed as one packed token matrix (models/packing.py): token-wise work once over all
+    crops, attention per group. shards: batch shards of the crops (1 on one device), so every
+    device packs only its own rows. Returns the last block's output only (no attention maps)."""
+    masks = masks or [None] * len(images)
+    xs = [self.tokens(im, m) for im, m in zip(images, masks)]
+    layout = packing.Layout(tuple(x.shape[:2] for x in xs), shards)
+    x = layout.join(xs)
+    per_block = ([jax.random.split(k, len(self.blocks)) for k in keys] if keys is not None
+                 else None)
+    for i, block in enumerate(self.blocks):
+      k = tuple(ks[i] for ks in per_block) if per_block is not None else None
+      if self.cfg.remat != 'none':
+        x, _ = _remat_block(self.cfg.remat)(block, x, k, layout)
+      else:
+        x, _ = block(x, k, layout=layout)
+    return [self._output(o, (o,), None) for o in layout.split(self.norm(x))]
