@@ -23,7 +23,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from dino_jax import checksum, paths
+from dino_jax import checksum, paths, sharding
 from dino_jax.errors import DinoJaxError
 
 ITEMS = ('state', 'data', 'config', 'checksums')
@@ -140,15 +140,10 @@ def verify(mngr: ocp.CheckpointManager, restored: Restored) -> None:
         f'{" ..." if len(bad) > 3 else ""}')
 
 
-def _path_key(path) -> str:
-  """A tree path as 'a/b/0/c', the same for our pytrees and for orbax's metadata tree."""
-  parts = []
-  for k in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return '/'.join(parts)
+def _state_metadata(step_dir):
+  """The tree of array metadata (shapes, dtypes) of a step's `state` item, no arrays read."""
+  metadata = ocp.StandardCheckpointHandler().metadata(step_dir / 'state')
+  return getattr(metadata, 'item_metadata', metadata)
 
 
 def _is_empty(x) -> bool:
@@ -159,7 +154,7 @@ def _shapes(tree) -> dict[str, tuple | None]:
   """{path: shape} of the arrays, and {path: None} of the empty nodes (optax's EmptyState,
   MaskedNode), which orbax's metadata lists too: a change of optimizer chain shows there."""
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_empty)[0]
-  return {_path_key(p): None if _is_empty(x) else tuple(getattr(x, 'shape', ()))
+  return {sharding.path_name(p): None if _is_empty(x) else tuple(getattr(x, 'shape', ()))
           for p, x in flat}
 
 
@@ -168,8 +163,7 @@ def check_structure(step_dir, abstract_state, saved_config: dict, current_config
   """Raise CheckpointMismatchError when the checkpoint's state (read from its metadata, no
   arrays) has other arrays or shapes than this config's state, e.g. after a change of
   optim.clip_grad or optim.layer_decay, naming the config fields that differ."""
-  metadata = ocp.StandardCheckpointHandler().metadata(step_dir / 'state')
-  saved = _shapes(getattr(metadata, 'item_metadata', metadata))
+  saved = _shapes(_state_metadata(step_dir))
   wanted = _shapes(abstract_state)
   only_saved = sorted(set(saved) - set(wanted))
   only_here = sorted(set(wanted) - set(saved))
@@ -339,15 +333,13 @@ def restore_raw(workdir: str, step: int | None = None):
   """(state, config) of a run's checkpoint as plain nested dicts of arrays, without knowing
   the model (for export tools). step: default latest."""
   mngr = manager(workdir)
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {mngr.directory}')
-  # numpy arrays, so a checkpoint saved on 8 devices reads in a process that has 1
-  metadata = ocp.StandardCheckpointHandler().metadata(
-      epath.Path(str(mngr.directory)) / str(step) / 'state')
-  metadata = getattr(metadata, 'item_metadata', metadata)
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
   try:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {mngr.directory}')
+    # numpy arrays, so a checkpoint saved on 8 devices reads in a process that has 1
+    metadata = _state_metadata(epath.Path(str(mngr.directory)) / str(step))
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(restore_args=restore_args),
         config=ocp.args.JsonRestore()))

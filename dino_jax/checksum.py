@@ -13,11 +13,11 @@ word changes its term and hence the sum; several changes cancel with probability
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dino_jax import sharding
 
 _SEEDS = (0x243F6A88, 0x85A308D3)
 _STRIDE = np.uint32(0x9E3779B1)
@@ -51,20 +51,16 @@ def _array_checksum(x: jax.Array) -> jax.Array:
                     for s in _SEEDS])
 
 
-@functools.partial(jax.jit)
+@jax.jit
 def _checksums(leaves):
   return [_array_checksum(x) for x in leaves]
-
-
-def _name(path) -> str:
-  return jax.tree_util.keystr(path, simple=True, separator='/')
 
 
 def tree_checksums(tree) -> dict[str, str]:
   """{leaf path (e.g. 'params/head/mlp/0/kernel'): 16 hex digits} for every array leaf."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   sums = jax.device_get(_checksums([x for _, x in flat]))
-  return {_name(p): f'{int(a):08x}{int(b):08x}' for (p, _), (a, b) in zip(flat, sums)}
+  return {sharding.path_name(p): f'{int(a):08x}{int(b):08x}' for (p, _), (a, b) in zip(flat, sums)}
 
 
 def mismatches(tree, expected: dict[str, str]) -> list[str]:

@@ -248,8 +248,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     step_fn = run.step_fn
     preemption = checkpointing.PreemptionWatch()  # from here SIGTERM saves at a step boundary
 
-    def check(step):
-      check_sane(step, jax.device_get(metrics), reference_norm, config.max_param_growth)
+    checked = -1  # the last step whose metrics passed check_sane
+
+    def check(step, fetched=None):
+      nonlocal checked
+      if step != checked:
+        check_sane(step, jax.device_get(metrics) if fetched is None else fetched,
+                   reference_norm, config.max_param_growth)
+        checked = step
 
     for step in range(start, total):
       batch = sharding.to_global(next(batches), run.mesh)
@@ -259,7 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       done = step + 1
       if done % config.log_every == 0 or done == total:
         m = jax.device_get(metrics)
-        check(done)
+        check(done, m)
         now = time.time()
         m['img_per_s'] = (done - last_logged) * config.batch_size / max(now - t_last, 1e-9)
         m['epoch'] = done / run.schedules.steps_per_epoch
@@ -296,11 +302,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     if checkpointing.latest_step(mngr) != int(state.step):
       save(int(state.step))
   finally:  # a pending (good) save completes even when the run stops on an error
-    if preemption is not None:
-      preemption.close()
-    if mngr is not None:
+    if mngr is not None:  # before the SIGTERM watch goes: a signal now must not cut the save
       mngr.wait_until_finished()
       mngr.close()
+    if preemption is not None:
+      preemption.close()
     if writer is not None:
       writer.close()
   return state

@@ -42,7 +42,7 @@ class DINO(nnx.Module):
     if self.backbone.cfg.pack_crops and len(crops) > 1:
       outs = self.backbone.packed(crops, keys=keys)
     else:
-      outs = [self.backbone(c, key=k) for c, k in zip(crops, keys or [None] * len(crops))]
+      outs = [self.backbone(c, key=k) for c, k in zip(crops, keys if keys is not None else [None] * len(crops))]
     return self.head(jnp.concatenate([o.cls for o in outs], axis=0)).astype(jnp.float32)
 
 
