@@ -5,8 +5,8 @@ Quickstart (offline, scikit-learn's digits, about 5 minutes on 2 cores):
   python -m dino_jax.main --config=configs/cpu.py --workdir=/tmp/dino_cpu
 
 Expected on digits (README, "Training on small data"): teacher 20-NN top-1 32.3% at
-initialisation, about 69% at step 600 and 71% at the end (920 steps); the teacher entropy falls
-from ~8 to ~4.7 nats (ln 4096 = 8.3) and the collapse watchdog stays silent.
+initialisation, about 67-69% at step 600 and 70-71% at the end (920 steps); the teacher
+entropy falls from ~8 to ~4.6-4.7 nats (ln 4096 = 8.3) and the collapse watchdog stays silent.
 
 The CIFAR recipe (configs/cifar.py) builds on this one. What makes it cheap: patch 8 at 32 px
 (17 tokens; patch 4 learned no faster per step at 4x the cost), width 96, depth 4, out_dim 4096,
