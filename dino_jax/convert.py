@@ -31,9 +31,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dino_jax import paths
+from dino_jax import config_file, paths
 from dino_jax.errors import DinoJaxError
-from dino_jax.models import DINOHead, VARIANTS, ViT, ViTConfig
+from dino_jax.models import DINOHead, VARIANTS, ViT, ViTConfig, vit_config
 
 HEAD_DIM = 64  # every official DINO / DINOv2 ViT; pass heads= for other models
 HEAD_PREFIXES = ('head.', 'dino_head.')  # v1 full checkpoints / DINOv2 training checkpoints
@@ -546,13 +546,10 @@ def from_workdir(workdir: str, step: int | None = None, key: str = 'teacher') ->
   state, config = checkpointing.restore_raw(workdir, step)
   params = state['teacher_params' if key == 'teacher' else 'params']
   params = jax.tree.map(np.asarray, params)
-  m = config['model']
-  vit = ViTConfig.from_variant(
-      m['arch'], m['patch_size'], img_size=config['crops']['global_size'],
-      **{f: m[f] for f in ('layerscale', 'n_registers', 'ffn', 'mask_token',
-                           'interpolate_offset', 'interpolate_antialias') if f in m})
-  head = HeadConfig(m['out_dim'], m['head_hidden_dim'], m['head_bottleneck_dim'],
-                    m['head_layers'])
+  config = config_file.from_saved(config)
+  vit = vit_config(config, teacher=True)
+  m = config.model
+  head = HeadConfig(m.out_dim, m.head_hidden_dim, m.head_bottleneck_dim, m.head_layers)
   return Converted(vit, _unflat(_flat(params['backbone'])), head,
                    _unflat(_flat(params['head'])), np.asarray(state['center']))
 

@@ -52,16 +52,23 @@ def patch_out_dim(config) -> int:
   return m.ibot_out_dim if m.ibot_separate_head else m.out_dim
 
 
-def build(config, *, teacher: bool = False, dtype=None, seed: int = 0) -> DINO:
-  """Build the DINO network from `config.model` (teacher: no stochastic depth)."""
+def vit_config(config, *, teacher: bool = False) -> ViTConfig:
+  """The backbone architecture `config.model` describes (teacher: no stochastic depth); the
+  one config -> architecture mapping (build, exports and conversions all use it)."""
   m = config.model
-  vit_cfg = ViTConfig.from_variant(
+  return ViTConfig.from_variant(
       m.arch, m.patch_size, img_size=config.crops.global_size,
       drop_path_rate=0.0 if teacher else m.drop_path_rate,
       drop_path_uniform=m.drop_path_uniform, layerscale=m.layerscale,
       n_registers=m.n_registers, ffn=m.ffn, mask_token=m.mask_token,
       interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias,
       remat=m.remat, pack_crops=m.pack_crops)
+
+
+def build(config, *, teacher: bool = False, dtype=None, seed: int = 0) -> DINO:
+  """Build the DINO network from `config.model` (teacher: no stochastic depth)."""
+  m = config.model
+  vit_cfg = vit_config(config, teacher=teacher)
   return DINO(vit_cfg, m.out_dim, head_hidden_dim=m.head_hidden_dim,
               head_bottleneck_dim=m.head_bottleneck_dim, head_layers=m.head_layers,
               ibot_out_dim=patch_out_dim(config) if m.ibot_separate_head else 0,
