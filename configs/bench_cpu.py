@@ -7,13 +7,11 @@ ViT-Tiny/16, out_dim 4096, batch 16, 2 x 128 px global + 6 x 64 px local crops, 
 DINO augmentation; the README compares its step time with the official PyTorch step measured
 on the same machine.
 """
-import pathlib
-
-from dino_jax import config_file
+from dino_jax import defaults
 
 
 def get_config():
-  c = config_file.load(pathlib.Path(__file__).with_name('vit_s16.py'))
+  c = defaults.get_config()  # the package defaults: the ViT-S/16 recipe
   c.batch_size = 16
   c.dtype = 'float32'  # CPUs gain nothing from bfloat16
 

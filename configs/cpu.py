@@ -16,13 +16,11 @@ on the CLS token (without it the digits run drifts to the uniform collapse) and 
 kept at their random init (unfreezing them sent every short run to the uniform collapse).
 The README's "Training on small data" gives the measurements behind both.
 """
-import pathlib
-
-from dino_jax import config_file
+from dino_jax import defaults
 
 
 def get_config():
-  c = config_file.load(pathlib.Path(__file__).with_name('vit_s16.py'))
+  c = defaults.get_config()  # the package defaults: the ViT-S/16 recipe
   c.epochs = 40
   c.batch_size = 64
   c.dtype = 'float32'  # CPUs gain nothing from bfloat16

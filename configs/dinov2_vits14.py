@@ -13,13 +13,11 @@ from ViT-g/14 on LVD-142M) scores 79.0 k-NN / 81.1 linear on ImageNet, and iBOT'
 recipe on ImageNet-1k reaches 75.2 k-NN. This config is the reference recipe of dinov2_vitl14
 with the default config's choices for a small model.
 """
-import pathlib
-
-from dino_jax import augment, config_file
+from dino_jax import augment, defaults
 
 
 def get_config():
-  c = config_file.load(pathlib.Path(__file__).with_name('vit_s16.py'))
+  c = defaults.get_config()  # the package defaults: the ViT-S/16 recipe
   c.epochs = 100  # of data.epoch_length steps
   c.batch_size = 2048  # 64 per GPU on 32 GPUs in the official setup
   c.data.epoch_length = 1250  # DINOv2's fixed "epoch"

@@ -1,10 +1,13 @@
-"""Config files: load a `get_config()` module by path, and apply dotted-field overrides."""
+"""Config files: load a `get_config()` module by path, apply dotted-field overrides, and
+complete a saved config from the package defaults."""
 from __future__ import annotations
 
 import importlib.util
 import os
 
 import ml_collections
+
+from dino_jax import defaults
 
 
 def load(path: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -27,15 +30,10 @@ def override(config: ml_collections.ConfigDict, values: dict) -> ml_collections.
   return config
 
 
-DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'vit_s16.py')
-
-
 def from_saved(saved: dict) -> ml_collections.ConfigDict:
   """A run's config as a checkpoint saved it, with the fields that newer code added (absent
-  from older checkpoints) taken from the defaults in configs/vit_s16.py."""
-  if not os.path.exists(DEFAULTS):
-    return ml_collections.ConfigDict(saved)
-  config = load(DEFAULTS)
+  from older checkpoints) taken from the package defaults (dino_jax/defaults.py)."""
+  config = defaults.get_config()
 
   def merge(node, values):
     for k, v in values.items():

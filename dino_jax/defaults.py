@@ -1,0 +1,143 @@
+"""Every field of a run's config, with its default: one commented `get_config()`.
+
+The defaults are the DINO paper's ViT-S/16 recipe (configs/vit_s16.py); every recipe in
+configs/ starts from `get_config()` here (directly or through another recipe) and changes
+only what it lists. They live in the
+package, not in configs/, so an installed copy has them too: `config_file.from_saved` fills
+the fields a saved config lacks (one written by older code) from here.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # one seed drives init, data order and every augmentation/drop-path key
+  c.epochs = 100  # training length; one epoch = floor(n_train / batch_size) steps
+  c.batch_size = 512  # GLOBAL batch (images, not crops); lr scales with batch_size / 256
+  c.dtype = 'bfloat16'  # compute dtype; params, loss, center and EMA stay float32
+
+  c.data = ml_collections.ConfigDict()
+  # digits | npz:PATH | tfds:NAME[:SPLIT] | folder:PATH | arrayrecord:DIR (README)
+  c.data.source = 'tfds:imagenet2012'
+  c.data.canvas_size = 256  # host resizes each image (aspect kept) into an S x S uint8 canvas
+  c.data.worker_count = 8  # grain worker processes per host (0 = in the main process)
+  c.data.prefetch = 2  # batches prepared ahead of the step
+  c.data.epoch_length = 0  # steps per "epoch" for every schedule (0: one pass; DINOv2: 1250)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = 'vit_small'  # vit_pico | vit_tiny | vit_small | vit_base | vit_large | vit_giant2
+  c.model.patch_size = 16  # 4 | 8 | 14 | 16; crop sizes must be multiples of it
+  c.model.drop_path_rate = 0.1  # student stochastic depth (teacher: 0)
+  c.model.drop_path_uniform = False  # same rate in all blocks (DINOv2) vs linspace(0, rate)
+  # DINOv2 backbone options (these defaults are the DINO v1 ViT):
+  c.model.layerscale = 0.0  # LayerScale gamma init on both residual branches (0: off; v2: 1e-5)
+  c.model.n_registers = 0  # register tokens after CLS, no pos-embed (v2 *_reg models: 4)
+  c.model.ffn = 'mlp'  # 'mlp' (GELU) | 'swiglu' (v2 ViT-g: hidden 2/3 of mlp width, ceil to 8)
+  c.model.mask_token = False  # learned token for masked patches (iBOT / DINOv2 masking)
+  c.model.interpolate_offset = 0.1  # pos-embed resize scale (n + offset)/S; 0: exact size
+  c.model.interpolate_antialias = False  # antialiased bicubic pos-embed resize (v2 reg models)
+  # What each block keeps for the backward pass: 'none' (everything) | 'block' (only its input:
+  # least memory, ~1/3 more compute) | 'dots' (the qkv/proj/MLP products; recomputes attention,
+  # norms and GELU). Typed object so that saved configs' True/False still load (aliases of
+  # 'block'/'none').
+  c.model.remat = ml_collections.FieldReference('none', field_type=object)
+  c.model.pack_crops = True  # student runs all crops as one token matrix (attention per crop)
+  c.model.out_dim = 65536  # K prototypes
+  c.model.norm_last_layer = True  # freeze the prototypes' scale g at 1
+  c.model.head_hidden_dim = 2048
+  c.model.head_bottleneck_dim = 256
+  c.model.head_layers = 3
+  c.model.ibot_separate_head = False  # iBOT patch tokens through their own head (v2 L/g)
+  c.model.ibot_out_dim = 65536  # prototypes of the separate iBOT head
+  c.model.ibot_bottleneck_dim = 256
+
+  c.crops = ml_collections.ConfigDict()
+  c.crops.global_size = 224  # 2 global crops: the teacher sees only these
+  c.crops.global_scale = (0.4, 1.0)  # RandomResizedCrop area range of global crops
+  c.crops.n_local = 8  # local crops, seen by the student only
+  c.crops.local_size = 96
+  c.crops.local_scale = (0.05, 0.4)
+  c.crops.flip_p = 0.5
+  c.crops.jitter_p = 0.8  # colour jitter: brightness, contrast, saturation, hue
+  c.crops.brightness = 0.4
+  c.crops.contrast = 0.4
+  c.crops.saturation = 0.2
+  c.crops.hue = 0.1
+  c.crops.grayscale_p = 0.2
+  c.crops.blur_sigma = (0.1, 2.0)  # Gaussian blur sigma ~ U(range), in pixels of the crop
+  c.crops.blur_radius = 0  # blur kernel half-width (0: 3 * max sigma, as PIL; DINOv2: 4)
+  c.crops.global1_blur_p = 1.0
+  c.crops.global2_blur_p = 0.1
+  c.crops.global2_solarize_p = 0.2
+  c.crops.local_blur_p = 0.5
+  c.crops.eval_crop_fraction = 0.875  # eval view: centre square of this fraction, resized
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.student_temp = 0.1
+  c.loss.teacher_temp = 0.04  # final teacher temperature ("above 0.07 is unstable")
+  c.loss.warmup_teacher_temp = 0.04  # teacher temperature at epoch 0
+  c.loss.warmup_teacher_temp_epochs = 0  # linear warmup length
+  c.loss.teacher_temp_per_step = False  # warmup per step (DINOv2) instead of per epoch (v1)
+  c.loss.center_momentum = 0.9
+  # Head's last layer, softmaxes and loss in chunks of this many prototypes, f32 statistics,
+  # so no (rows x out_dim) f32 logits are kept (0: all at once; if smaller than out_dim and
+  # model.ibot_out_dim, it must divide them).
+  c.loss.prototype_chunk = 0
+  c.loss.centering = 'centering'  # teacher targets: 'centering' (EMA) | 'sinkhorn_knopp'
+  c.loss.koleo_weight = 0.0  # KoLeo on the student's global CLS, per crop (DINOv2: 0.1)
+  c.loss.ibot_weight = 0.0  # iBOT masked-patch loss (DINOv2: 1.0; needs model.mask_token)
+  c.loss.mask_probability = 0.5  # fraction of global-crop images that are masked
+  c.loss.mask_ratio = (0.1, 0.5)  # stratified range of the masked fraction of a masked image
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 5e-4  # peak lr at the reference batch, after warmup
+  c.optim.lr_scaling = 'linear'  # 'linear': lr * batch / 256 | 'sqrt': lr * sqrt(batch / 1024)
+  c.optim.layer_decay = 1.0  # layer-wise lr decay: block i gets decay ** (depth - i) (v2: 0.9)
+  c.optim.patch_embed_lr_mult = 1.0  # extra lr factor of the patch embedding (v2: 0.2)
+  c.optim.min_lr = 1e-6  # end of the cosine
+  c.optim.warmup_epochs = 10
+  c.optim.weight_decay = 0.04  # cosine schedule start ...
+  c.optim.weight_decay_end = 0.4  # ... and end
+  c.optim.clip_grad = 3.0  # gradient norm clip (0 disables) ...
+  c.optim.clip_mode = 'per_param'  # ... of each tensor (v1) | 'per_module' global norm (v2)
+  c.optim.freeze_last_layer = 1  # epochs with the head's last layer frozen
+  c.optim.momentum_teacher = 0.996  # teacher EMA momentum, cosine to 1
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel size (-1: all devices not used by fsdp)
+  c.mesh.fsdp = 1  # parameter-sharding size (ViT-L and up: e.g. 8 on a GPU node)
+  c.mesh.min_shard_size = 2 ** 16  # elements; smaller tensors are replicated on every device
+  # Multi-host: 'auto' calls jax.distributed.initialize() when a cluster is detected (Cloud
+  # TPU VM, SLURM job with more than one task, JAX_COORDINATOR_ADDRESS set); 'none' never;
+  # 'HOST:PORT' uses that coordinator with JAX_NUM_PROCESSES and JAX_PROCESS_ID from the env.
+  c.distributed = 'auto'
+
+  c.log_every = 50  # steps between metric lines
+  c.checkpoint_every = 2500  # steps between checkpoints (and one at the end)
+  c.keep_checkpoints = 3  # newest checkpoints kept ...
+  c.keep_checkpoint_every = 0  # ... plus every step divisible by this (0: none)
+  # Before every save the loss, gradient and parameter norms must be finite and the student's
+  # parameter norm within this factor of its norm where the run started; otherwise the run
+  # stops without saving (a diverging run never overwrites its good checkpoints).
+  c.max_param_growth = 100.0
+  c.init_from = ''  # weights that start a new run: a workdir, WORKDIR/checkpoints/<step>, or
+  # official weights converted with `python -m dino_jax.convert import` (.safetensors)
+  c.eval_every = 12510  # steps between k-NN evals (0: only at the start and the end)
+  c.attention_images = 4  # teacher attention maps of this many test images to TensorBoard (0: none)
+  # Collapse watchdog (after the lr warmup): one warning line (also in metrics.jsonl) when the
+  # teacher entropy stays above (1 - margin) ln(out_dim) (uniform collapse) or below
+  # low_margin ln(out_dim) (one prototype) for `patience` log intervals in a row.
+  c.watchdog = ml_collections.ConfigDict()
+  c.watchdog.margin = 0.1  # uniform band: H_t above (1 - margin) ln(out_dim)
+  c.watchdog.low_margin = 0.02  # one-prototype band: H_t below low_margin ln(out_dim)
+  c.watchdog.patience = 3  # consecutive log intervals inside a band before warning
+  c.watchdog.stop = False  # True: stop the run (exit 1) at the warning instead of going on
+  c.knn = ml_collections.ConfigDict()
+  c.knn.k = 20
+  c.knn.temperature = 0.07
+  c.knn.max_train = 0  # use at most this many train images for k-NN (0: all)
+  c.knn.batch_size = 1024  # feature extraction batch
+  return c
