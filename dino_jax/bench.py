@@ -106,27 +106,38 @@ def _model_flops(fn, *args) -> float:
 
 
 def _breakdown(run, state, batch, steps: int) -> None:
-  """Where a step's time goes: each part jitted and timed on its own."""
+  """Where a step's time goes: each part jitted and timed on its own, on the step's own code
+  paths (the student's backbone as DINO.backbone_crops runs it: packed or per crop size, with
+  drop path; no iBOT masks)."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from dino_jax import augment  # pylint: disable=import-outside-toplevel
+  from dino_jax import augment, sharding  # pylint: disable=import-outside-toplevel
   aug = augment.AugmentConfig.from_config(run.config)
   crop = jax.jit(lambda k, c, hw: augment.multicrop(k, c, hw, aug, run.config.dtype))
   g, l = crop(jax.random.PRNGKey(0), batch['image'], batch['hw'])
-  crops = [g] + ([l] if l is not None else [])
+  crop_sharding = sharding.batch_sharding(run.mesh)
+  key = jax.random.PRNGKey(2)
 
-  def backbone(params, crops):
+  def teacher(params, g):
+    model = nnx.merge(run.teacher_def, params)
+    return model.head(model.backbone(g).cls).astype('float32').sum()
+
+  def cls_tokens(params, g, l):
     model = nnx.merge(run.student_def, params)
-    return sum(model.backbone(c).cls.astype('float32').sum() for c in crops)
+    return model, model.backbone_crops(g, l, key, sharding=crop_sharding)[1]
 
-  def student(params, crops):
-    return nnx.merge(run.student_def, params).multicrop(crops).sum()
+  def backbone(params, g, l):
+    return cls_tokens(params, g, l)[1].astype('float32').sum()
+
+  def student(params, g, l):
+    model, cls = cls_tokens(params, g, l)
+    return model.head(cls).astype('float32').sum()
 
   parts = [
       ('augmentation (all crops)', crop, (jax.random.PRNGKey(1), batch['image'], batch['hw'])),
-      ('teacher forward (global crops)', jax.jit(student), (state.teacher_params, [g])),
-      ('student backbone forward+backward', jax.jit(jax.grad(backbone)), (state.params, crops)),
+      ('teacher forward (global crops)', jax.jit(teacher), (state.teacher_params, g)),
+      ('student backbone forward+backward', jax.jit(jax.grad(backbone)), (state.params, g, l)),
       ('student backbone+head forward+backward', jax.jit(jax.grad(student)),
-       (state.params, crops)),
+       (state.params, g, l)),
   ]
   print('  breakdown (each part jitted alone; the rest of the step is loss, optimizer, EMA):')
   for name, fn, args in parts:

@@ -109,6 +109,15 @@ def test_bench_train_prints_its_numbers_and_profile_writes_a_trace(tmp_path, cap
   assert list((tmp_path / 'prof').glob('plugins/profile/*/*.trace.json.gz'))
 
 
+def test_bench_train_breakdown_times_the_parts_of_the_step(tmp_path, capsys):
+  bench.main(['train', '--config', _tiny_config_file(tmp_path, **{'data.source': 'digits'}),
+              '--steps', '1', '--warmup', '0', '--breakdown'])
+  out = capsys.readouterr().out
+  for part in ('augmentation (all crops)', 'teacher forward (global crops)',
+               'student backbone forward+backward', 'student backbone+head forward+backward'):
+    assert re.search(re.escape(part) + r' +[\d.]+ ms', out), (part, out)
+
+
 def test_bench_reports_a_bad_config_in_one_line(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     bench.main(['train', '--config', _tiny_config_file(tmp_path, **{'model.arch': 'vit_nope'}),

@@ -139,3 +139,23 @@ def test_packed_step_equals_unpacked_step_on_1_and_8_devices():
       np.testing.assert_allclose(m1[k], m0[k], rtol=1e-5, err_msg=f'{k}, {n} devices')
     for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s1)):
       np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_dino_backbone_crops_packed_equals_one_pass_per_crop_size():
+  """The student's pass of the train step (DINO.backbone_crops): the same CLS tokens, crop-major,
+  and global outputs whether the crops are packed or not; global crops alone need no packing."""
+  key = jax.random.PRNGKey(4)
+  outs = {}
+  for pack in (True, False):
+    model = models.build(tiny_config(**{'model.pack_crops': pack, 'model.mask_token': True}))
+    g = jnp.asarray(jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3)))
+    l = jnp.asarray(jax.random.normal(jax.random.PRNGKey(1), (8, 8, 8, 3)))
+    masks = jax.random.bernoulli(jax.random.PRNGKey(2), 0.3, (4, 16))
+    outs[pack] = model.backbone_crops(g, l, key, masks=masks)
+    g_only, cls_only = model.backbone_crops(g, None, key, masks=masks)
+    np.testing.assert_array_equal(cls_only, g_only.cls)
+  (g_p, cls_p), (g_u, cls_u) = outs[True], outs[False]
+  assert cls_p.shape == (12, g_p.cls.shape[-1])
+  np.testing.assert_allclose(cls_p, cls_u, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(g_p.patches, g_u.patches, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(cls_p[:4], g_p.cls, rtol=0, atol=0)

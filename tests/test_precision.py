@@ -62,4 +62,8 @@ def test_bfloat16_model_computes_in_bfloat16_on_f32_params():
   assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
   out = model.backbone(jnp.zeros((2, 16, 16, 3)))
   assert out.cls.dtype == jnp.bfloat16
-  assert model.multicrop([jnp.zeros((2, 16, 16, 3))]).dtype == jnp.float32
+  # the train step's student pass (packed global + local crops) and head, in bf16
+  g_out, cls = model.backbone_crops(jnp.zeros((2, 16, 16, 3)), jnp.zeros((4, 8, 8, 3)),
+                                    jax.random.PRNGKey(0))
+  assert g_out.cls.dtype == cls.dtype == jnp.bfloat16 and cls.shape[0] == 6
+  assert model.head(cls).dtype == jnp.bfloat16  # the objective casts the logits to f32
