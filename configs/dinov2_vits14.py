@@ -13,7 +13,7 @@ from ViT-g/14 on LVD-142M) scores 79.0 k-NN / 81.1 linear on ImageNet, and iBOT'
 recipe on ImageNet-1k reaches 75.2 k-NN. This config is the reference recipe of dinov2_vitl14
 with the default config's choices for a small model.
 """
-from dino_jax import augment, defaults
+from dino_jax import defaults
 
 
 def get_config():
@@ -32,7 +32,7 @@ def get_config():
   c.model.norm_last_layer = False  # DINOv2's weight_g is trainable
   c.model.out_dim = 65536
 
-  c.crops.update(augment.PRESETS['dinov2'])
+  c.crops.update(defaults.CROP_PRESETS['dinov2'])
   c.crops.global_size = 224
   c.crops.n_local = 8
   c.crops.local_size = 98  # a multiple of the patch size 14

@@ -1,10 +1,11 @@
 """Every field of a run's config, with its default: one commented `get_config()`.
 
 The defaults are the DINO paper's ViT-S/16 recipe (configs/vit_s16.py); every recipe in
-configs/ starts from `get_config()` here (directly or through another recipe) and changes
-only what it lists. They live in the
-package, not in configs/, so an installed copy has them too: `config_file.from_saved` fills
-the fields a saved config lacks (one written by older code) from here.
+configs/ starts from `get_config()` here (directly or through another recipe) and changes only
+what it lists. They live in the package, not in configs/, so an installed copy has them too:
+`config_file.from_saved` fills the fields a saved config lacks (one written by older code)
+from here. CROP_PRESETS: the crop settings of the official DINO and DINOv2 pipelines, as
+updates of config.crops.
 """
 import ml_collections
 
@@ -141,3 +142,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.knn.max_train = 0  # use at most this many train images for k-NN (0: all)
   c.knn.batch_size = 1024  # feature extraction batch
   return c
+
+
+# Crop settings of the two official pipelines, as config.crops fields. DINOv2's blur
+# probabilities are the effective ones (its wrapper passes 1 - p to RandomApply, so the
+# released models saw: global 1 never, global 2 0.9, locals 0.5), with torchvision's 9-tap
+# kernel. 'dino' is the defaults' own. Use: config.crops.update(CROP_PRESETS['dinov2']).
+CROP_PRESETS = {
+    'dino': dict(global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), global1_blur_p=1.0,
+                 global2_blur_p=0.1, global2_solarize_p=0.2, local_blur_p=0.5,
+                 blur_sigma=(0.1, 2.0), blur_radius=0),
+    'dinov2': dict(global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), global1_blur_p=0.0,
+                   global2_blur_p=0.9, global2_solarize_p=0.2, local_blur_p=0.5,
+                   blur_sigma=(0.1, 2.0), blur_radius=4),
+}

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx, serialization
 
-from dino_jax import augment, checkpointing, config_file, convert, models, paths
+from dino_jax import checkpointing, config_file, convert, image_ops, models, paths
 from dino_jax.convert import ModelFileError  # a weights file that cannot be read: names it
 from dino_jax.data.pipeline import to_canvas
 from dino_jax.data.sources import as_rgb
@@ -154,8 +154,8 @@ def preprocess(images, size: int = 224, crop_fraction: float = 0.875,
   evaluation view (shorter side resized to size / crop_fraction, centre crop), bicubic."""
   canvas_size = max(max(np.shape(im)[:2]) for im in images)
   canvases, hws = zip(*(to_canvas(as_rgb(np.asarray(im)), canvas_size) for im in images))
-  return augment.center_view(jnp.asarray(np.stack(canvases)), jnp.asarray(np.stack(hws)),
-                             size, crop_fraction, dtype)
+  return image_ops.center_view(jnp.asarray(np.stack(canvases)), jnp.asarray(np.stack(hws)),
+                               size, crop_fraction, dtype)
 
 
 def cls_attention(output) -> jax.Array:

@@ -15,7 +15,7 @@ import pytest
 
 import dino_jax
 from conftest import REPO, tiny_config
-from dino_jax import augment, checkpointing, inference, paths, sharding, train
+from dino_jax import checkpointing, image_ops, inference, paths, sharding, train
 from dino_jax.metrics import MetricWriter
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -213,8 +213,8 @@ def test_load_model_gives_the_features_training_computed(trained):
   expected = np.asarray(run.feature_fn(state.teacher_params, canvas, hw))
   model, saved = dino_jax.load_model(workdir)
   assert saved.model.arch == config.model.arch
-  images = augment.center_view(canvas, hw, config.crops.global_size,
-                               config.crops.eval_crop_fraction)
+  images = image_ops.center_view(canvas, hw, config.crops.global_size,
+                                 config.crops.eval_crop_fraction)
   cls = np.asarray(model(images).cls)
   np.testing.assert_allclose(cls / np.linalg.norm(cls, axis=-1, keepdims=True), expected,
                              atol=1e-6)

@@ -51,3 +51,10 @@ def test_installed_copy_without_configs_still_has_the_defaults(tmp_path):
   values, where = out.stdout.splitlines()
   assert values.split() == ['vit_pico', '65536', '8', '0']
   assert pathlib.Path(where).parent == pkg  # the copy, not the repository's package
+
+
+def test_the_dino_crop_preset_is_the_defaults_own():
+  crops = defaults.get_config().crops
+  for field, value in defaults.CROP_PRESETS['dino'].items():
+    assert crops[field] == value, field
+  assert set(defaults.CROP_PRESETS['dinov2']) == set(defaults.CROP_PRESETS['dino'])

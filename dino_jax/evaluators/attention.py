@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from dino_jax import augment, inference
+from dino_jax import image_ops, inference
 
 # viridis at 0, 1/4, 1/2, 3/4, 1 (linearly interpolated in between)
 _ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98],
@@ -128,7 +128,7 @@ def prepare(image: np.ndarray, size: tuple[int, int], patch: int) -> np.ndarray:
 
 
 def to_model_input(images_uint8: np.ndarray, dtype=jnp.float32) -> jax.Array:
-  return augment.normalize(jnp.asarray(images_uint8, jnp.float32) / 255.0, dtype)
+  return image_ops.normalize(jnp.asarray(images_uint8, jnp.float32) / 255.0, dtype)
 
 
 # ----------------------------------------------------------------------------- training logs
@@ -141,8 +141,8 @@ def make_attention_fn(model_def: nnx.GraphDef, *, size: int, crop_fraction: floa
   def fn(params, canvas, hw):
     model = nnx.merge(model_def, params)
     backbone = model.backbone if hasattr(model, 'backbone') else model
-    images = augment.center_view(canvas, hw, size, crop_fraction, dtype)
-    views = images.astype(jnp.float32) * augment.STD + augment.MEAN
+    images = image_ops.center_view(canvas, hw, size, crop_fraction, dtype)
+    views = image_ops.denormalize(images.astype(jnp.float32))
     return jnp.clip(views, 0.0, 1.0), attention_maps(backbone, images)
   return fn
 

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dino_jax import augment, sharding
+from dino_jax import image_ops, sharding
 from dino_jax.data import eval_batches
 from dino_jax.models.head import l2_normalize
 
@@ -49,7 +49,7 @@ def make_feature_fn(model_def: nnx.GraphDef, *, size: int, crop_fraction: float,
 
   @jax.jit
   def features(params, canvas, hw):
-    images = augment.center_view(canvas, hw, size, crop_fraction, dtype)
+    images = image_ops.center_view(canvas, hw, size, crop_fraction, dtype)
     return backbone_features(_backbone(nnx.merge(model_def, params)), images, kind)
   return features
 

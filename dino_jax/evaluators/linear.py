@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dino_jax import augment, sharding
+from dino_jax import image_ops, sharding
 from dino_jax.data import eval_batches
 from dino_jax.evaluators import features as features_lib
 
@@ -149,12 +149,8 @@ def train_view(key, canvas, hw, size: int):
   """The official linear-probe training view: RandomResizedCrop(size, scale=(0.08, 1)),
   bilinear (antialiased, as PIL), then a horizontal flip with p = 0.5; in [0, 1]."""
   k_box, k_flip = jax.random.split(key)
-  box = augment.crop_box(k_box, hw[0], hw[1], (0.08, 1.0)).astype(jnp.float32)
-  scale = jnp.stack([size / box[2], size / box[3]])
-  img = jax.image.scale_and_translate(canvas.astype(jnp.float32) / 255.0, (size, size, 3),
-                                      (0, 1), scale, -box[:2] * scale, method='linear',
-                                      antialias=True)
-  img = jnp.clip(img, 0.0, 1.0)
+  box = image_ops.crop_box(k_box, hw[0], hw[1], (0.08, 1.0))
+  img = image_ops.resized_crop_linear(canvas.astype(jnp.float32) / 255.0, box, size)
   return jnp.where(jax.random.bernoulli(k_flip), img[:, ::-1], img)
 
 
@@ -165,7 +161,7 @@ def make_augmented_feature_fn(model_def: nnx.GraphDef, *, size: int, dtype, kind
     views = jax.vmap(train_view, in_axes=(0, 0, 0, None))(keys, canvas, hw, size)
     model = nnx.merge(model_def, params)
     backbone = model.backbone if hasattr(model, 'backbone') else model
-    return features_lib.backbone_features(backbone, augment.normalize(views, dtype), kind)
+    return features_lib.backbone_features(backbone, image_ops.normalize(views, dtype), kind)
   return fn
 
 
