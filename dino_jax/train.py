@@ -13,7 +13,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dino_jax import augment, checkpointing, data, distributed, models, optim, paths, sharding
+from dino_jax import augment, checkpointing, data, distributed, models, objective, optim, paths
+from dino_jax import sharding
 from dino_jax import state as state_lib
 from dino_jax import watchdog as watchdog_lib
 from dino_jax import train_step as train_step_lib
@@ -71,7 +72,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
                                             config.mesh.min_shard_size)
   step = train_step_lib.make(student_def, teacher_def, tx, schedules,
                              augment.AugmentConfig.from_config(config), dtype=dtype,
-                             loss=train_step_lib.LossSpec.from_config(config),
+                             loss=objective.Objective.from_config(config),
                              crop_sharding=sharding.batch_sharding(mesh))
   step_fn = train_step_lib.jit(step, state_shardings, sharding.batch_sharding(mesh),
                                sharding.replicated(mesh))
