@@ -37,8 +37,8 @@ class Run:
   """Everything built once from the config."""
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
-  train_source: data.sources.Source
-  test_source: data.sources.Source | None
+  train_source: data.Source
+  test_source: data.Source | None
   schedules: Schedules
   student_def: nnx.GraphDef
   teacher_def: nnx.GraphDef

@@ -21,7 +21,7 @@ from absl import logging
 from PIL import Image, ImageFile
 
 from dino_jax import paths
-from dino_jax.data.sources import DataError
+from dino_jax.data.base import DataError
 
 TEST_SPLITS = ('val', 'validation', 'test')
 

@@ -22,8 +22,9 @@ from absl import logging
 from PIL import Image
 
 from dino_jax import paths
+from dino_jax.data.base import DataError, Source
 from dino_jax.data.decode import BadImage, decode
-from dino_jax.data.sources import DataError, Source, as_rgb
+from dino_jax.data.sources import as_rgb
 
 
 def to_canvas(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

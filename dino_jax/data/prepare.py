@@ -29,8 +29,8 @@ from PIL import Image
 
 from dino_jax import paths
 from dino_jax.data import folder, records
+from dino_jax.data.base import DataError
 from dino_jax.data.decode import BadImage, decode
-from dino_jax.data.sources import DataError
 
 CHECK_SIZE = 1024  # the size images are decoded at to check them when --max_size is 0
 

@@ -11,7 +11,7 @@ import json
 import struct
 
 from dino_jax import paths
-from dino_jax.data.sources import DataError
+from dino_jax.data.base import DataError
 
 FORMAT = 'dino_jax.arrayrecord.v1'
 INFO = 'dataset.json'

@@ -6,32 +6,20 @@
   folder:PATH       image files, class subfolders giving labels (folder.py)
   arrayrecord:DIR   a folder converted by `python -m dino_jax.data.prepare` (records.py)
 
-A record holds 'label' (an int, -1 when the data has none) and the image as one of: 'image'
-(a decoded uint8 array), 'encoded' (file bytes) or 'path' (a file to read); 'path' also names
-where a record came from, and 'error' says why a source could not read it. The grain map step
-(pipeline.py) turns every kind into a canvas, or skips it.
+Every source is a base.Source: a record holds 'label' (an int, -1 when the data has none) and
+the image as one of: 'image' (a decoded uint8 array), 'encoded' (file bytes) or 'path' (a file
+to read); 'path' also names where a record came from, and 'error' says why a source could not
+read it. The grain map step (pipeline.py) turns every kind into a canvas, or skips it.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
 
 import numpy as np
 
 from dino_jax import paths
-from dino_jax.errors import DinoJaxError
-
-
-class DataError(DinoJaxError, ValueError):
-  """The data cannot train: an empty or unreadable dataset, or one smaller than a batch."""
-
-
-class Source(Protocol):
-  has_labels: bool
-
-  def __len__(self) -> int: ...
-
-  def __getitem__(self, index: int) -> dict: ...
+from dino_jax.data import folder, records
+from dino_jax.data.base import Source
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
@@ -131,17 +119,7 @@ def _tfds(name: str) -> tuple[TFDSSource, TFDSSource | None]:
   return train, None
 
 
-def _folder(path: str):
-  from dino_jax.data import folder  # pylint: disable=import-outside-toplevel
-  return folder.load(path)
-
-
-def _arrayrecord(path: str):
-  from dino_jax.data import records  # pylint: disable=import-outside-toplevel
-  return records.load(path)
-
-
-LOADERS = {'npz': _npz, 'tfds': _tfds, 'folder': _folder, 'arrayrecord': _arrayrecord}
+LOADERS = {'npz': _npz, 'tfds': _tfds, 'folder': folder.load, 'arrayrecord': records.load}
 EXPECTED = 'expected one of digits, npz:PATH, tfds:NAME[:SPLIT], folder:PATH, arrayrecord:DIR'
 
 
