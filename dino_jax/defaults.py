@@ -126,7 +126,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_param_growth = 100.0
   c.init_from = ''  # weights that start a new run: a workdir, WORKDIR/checkpoints/<step>, or
   # official weights converted with `python -m dino_jax.convert import` (.safetensors)
-  c.eval_every = 12510  # steps between k-NN evals (0: only at the start and the end)
+  c.eval_every = 12510  # steps between evals (0: only at the start and the end)
+  c.evals = ('knn',)  # evaluators run at each eval, by name (dino_jax/evaluators/__init__.py)
   c.attention_images = 4  # teacher attention maps of this many test images to TensorBoard (0: none)
   # Collapse watchdog (after the lr warmup): one warning line (also in metrics.jsonl) when the
   # teacher entropy stays above (1 - margin) ln(out_dim) (uniform collapse) or below

@@ -1,4 +1,5 @@
-"""Evaluate a trained (or converted) model: k-NN, linear probe, attention maps, DAVIS video.
+"""Evaluate a trained (or converted) model by evaluator name (dino_jax/evaluators/__init__.py):
+k-NN, linear probe, attention maps, DAVIS video.
 
   python -m dino_jax.evaluate knn --model=WORKDIR --source=npz:cifar.npz
   python -m dino_jax.evaluate linear --model=WORKDIR --source=npz:cifar.npz
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dino_jax import checkpointing, data, inference, models, paths, sharding
+from dino_jax import checkpointing, data, evaluators, inference, models, paths, sharding
 from dino_jax.errors import DinoJaxError
 from dino_jax.evaluators import attention as attention_lib
 from dino_jax.evaluators import features as features_lib
@@ -262,8 +263,8 @@ def parser() -> argparse.ArgumentParser:
   return ap
 
 
-COMMANDS = {'knn': cmd_knn, 'linear': cmd_linear, 'attention': cmd_attention,
-            'video': cmd_video}
+# One command per registered evaluator (evaluators.EVALUATORS), found by name: cmd_<name>
+COMMANDS = {name: globals()[f'cmd_{name}'] for name in evaluators.names()}
 
 
 # Bad inputs, each reported as one line naming the file (or field) and what is wrong

@@ -1,4 +1,5 @@
-"""The training loop: init or restore, step, log, checkpoint, evaluate. Nothing else."""
+"""The training loop: init or restore, step, log, checkpoint, evaluate (the evaluators
+config.evals names, and the attention log). Nothing else."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,15 +14,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dino_jax import augment, checkpointing, data, distributed, models, objective, optim, paths
-from dino_jax import sharding
+from dino_jax import attention_log, augment, checkpointing, data, distributed, evaluators, models
+from dino_jax import objective, optim, paths, sharding
 from dino_jax import state as state_lib
 from dino_jax import watchdog as watchdog_lib
 from dino_jax import train_step as train_step_lib
 from dino_jax.errors import DinoJaxError
-from dino_jax.evaluators import attention as attention_lib
 from dino_jax.evaluators import features as features_lib
-from dino_jax.evaluators import knn
 from dino_jax.metrics import MetricWriter, start_log_file
 from dino_jax.schedules import Schedules
 from dino_jax.validate import validate
@@ -45,7 +44,7 @@ class Run:
   init_fn: Callable
   state_shardings: object
   step_fn: Callable
-  feature_fn: Callable  # (teacher params, canvas, hw) -> L2-normalised CLS, for k-NN
+  feature_fn: Callable  # (teacher params, canvas, hw) -> L2-normalised CLS, for evaluators
 
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Run:
@@ -88,20 +87,17 @@ def init_state(run: Run):
   return jax.jit(run.init_fn, out_shardings=run.state_shardings)()
 
 
-def evaluate_knn(run: Run, state) -> dict[str, float] | None:
-  """Teacher k-NN top-1/top-5 on the test split (None when the data has no labels)."""
-  if run.test_source is None or not (run.train_source.has_labels and
-                                     run.test_source.has_labels):
-    return None
-  c = run.config
-  kw = dict(mesh=run.mesh, canvas_size=c.data.canvas_size, batch_size=c.knn.batch_size)
-  train_f, train_y = features_lib.extract(run.feature_fn, state.teacher_params,
-                                          run.train_source, limit=c.knn.max_train, **kw)
-  test_f, test_y = features_lib.extract(run.feature_fn, state.teacher_params, run.test_source,
-                                        **kw)
-  res = knn.knn_classify(train_f, train_y, test_f, test_y, k=c.knn.k,
-                         temperature=c.knn.temperature)
-  return {'knn_top1': res['top1'], 'knn_top5': res['top5']}
+def evaluate(run: Run, state) -> dict[str, dict[str, float]]:
+  """{name: metrics} of every evaluator config.evals names, on the teacher (an evaluator the
+  data does not allow, e.g. k-NN without a labelled test split, is left out)."""
+  inputs = evaluators.LoopInputs(run.feature_fn, state.teacher_params, run.train_source,
+                                 run.test_source, run.config, run.mesh)
+  results = {}
+  for name in run.config.evals:
+    res = evaluators.run_in_loop(name, inputs)
+    if res is not None:
+      results[name] = res
+  return results
 
 
 _LEVERS = ('Lower optim.lr, raise optim.warmup_epochs, use dtype=float32, or lower '
@@ -217,17 +213,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
     writer.event(start, 'start', out_dim=config.model.out_dim,
                  total_steps=total)  # marks resumes; plot reads ln(out_dim) from it
-    log_attention = attention_lib.tensorboard_logger(run, writer)
+    log_attention = attention_log.tensorboard_logger(run, writer)
 
     def eval_and_log(step):
       if log_attention is not None:
         log_attention(state.teacher_params, step)
-      res = evaluate_knn(run, state)
-      if res is not None:
+      for name, res in evaluate(run, state).items():
         writer.write(step, res)
-        print(f'[{step}/{total}] k-NN (k={config.knn.k}) top-1 {res["knn_top1"]:.2f}% '
-              f'top-5 {res["knn_top5"]:.2f}%', flush=True)
-      return res
+        print(f'[{step}/{total}] {evaluators.module(name).describe(res, config)}', flush=True)
 
     def save(step):
       checkpointing.save(mngr, step, state, config, data_state(run, batches))

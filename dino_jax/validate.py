@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from dino_jax import paths, sharding
+from dino_jax import evaluators, paths, sharding
 from dino_jax.data import sources
 from dino_jax.errors import DinoJaxError
 from dino_jax.schedules import LR_SCALING
@@ -115,6 +115,10 @@ def validate(config, n_devices: int | None = None) -> None:
   _check(l.student_temp > 0, 'loss.student_temp', 'must be positive')
   _check(config.log_every > 0, 'log_every', f'must be positive, got {config.log_every}')
   _check(config.eval_every >= 0, 'eval_every', f'must be >= 0, got {config.eval_every}')
+  try:
+    evaluators.check_loop_names(config.evals)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   _check(config.checkpoint_every > 0, 'checkpoint_every',
          f'must be positive, got {config.checkpoint_every}')
   _check(config.keep_checkpoints > 0, 'keep_checkpoints',

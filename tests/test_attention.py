@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dino_jax import attention_log
 from dino_jax.evaluators import attention
 from dino_jax.models.vit import ViT, ViTConfig
 
@@ -79,7 +80,7 @@ def test_tensorboard_logging(vit):
       pass
 
   tb = FakeTB()
-  grid = attention.log_to_tensorboard(tb, fn, params, canvas, hw, 7, mass=0.6, patch=4)
+  grid = attention_log.log_to_tensorboard(tb, fn, params, canvas, hw, 7, mass=0.6, patch=4)
   assert tb.images == [('attention/teacher', grid.shape, 7, 'HWC')]
   assert grid.dtype == np.uint8 and grid.shape[0] == 2 * 16 * 6 + 2
-  assert attention.log_to_tensorboard(None, fn, params, canvas, hw, 7, mass=0.6, patch=4) is None
+  assert attention_log.log_to_tensorboard(None, fn, params, canvas, hw, 7, mass=0.6, patch=4) is None

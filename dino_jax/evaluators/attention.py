@@ -4,7 +4,9 @@ The official visualisation: attention of the CLS token to every patch in the las
 map per head, on an image of any size (cropped to a multiple of the patch size). The masks
 keep, per head, the most-attended patches that together hold a fraction `mass` (the paper's
 0.6) of that head's attention: the smallest such set. Maps are shown upsampled by the patch
-size with nearest neighbour.
+size with nearest neighbour. `make_attention_fn` and `summary_grid` give the maps of the
+evaluation view and their grid, which the training loop's attention log (dino_jax/attention_log.py)
+writes to TensorBoard.
 """
 from __future__ import annotations
 
@@ -131,7 +133,7 @@ def to_model_input(images_uint8: np.ndarray, dtype=jnp.float32) -> jax.Array:
   return image_ops.normalize(jnp.asarray(images_uint8, jnp.float32) / 255.0, dtype)
 
 
-# ----------------------------------------------------------------------------- training logs
+# ------------------------------------------------- the eval view and grids (for attention_log)
 
 
 def make_attention_fn(model_def: nnx.GraphDef, *, size: int, crop_fraction: float, dtype):
@@ -157,43 +159,3 @@ def summary_grid(views: np.ndarray, attn: np.ndarray, mass: float, patch: int,
     rows.append(upsample(grid, scale))
     rows.append(np.full((2, rows[-1].shape[1], 3), 255, np.uint8))
   return np.concatenate(rows[:-1], axis=0)
-
-
-def log_to_tensorboard(tb, fn, params, canvas, hw, step: int, *, mass: float, patch: int):
-  """Write the attention grid of a few fixed images to TensorBoard (tb None: compute only,
-  as every process must join the jitted call)."""
-  views, attn = jax.device_get(fn(params, canvas, hw))
-  if tb is None:
-    return None
-  scale = max(1, 96 // views.shape[1])
-  grid = summary_grid(views, attn, mass, patch, scale)
-  tb.add_image('attention/teacher', grid, int(step), dataformats='HWC')
-  tb.flush()
-  return grid
-
-
-def tensorboard_logger(run, writer):
-  """f(teacher_params, step) that logs the teacher's attention maps of the first
-  `config.attention_images` test images (train images without a test split) to TensorBoard;
-  None when that is 0. Every process computes; process 0 writes."""
-  from dino_jax.data.pipeline import try_canvas  # pylint: disable=import-outside-toplevel
-  c = run.config
-  n = c.get('attention_images', 0)
-  source = run.test_source if run.test_source is not None else run.train_source
-  if not n:
-    return None
-  pairs = []  # the first n readable images (any source: arrays, files, records)
-  for i in range(len(source)):
-    record, _ = try_canvas(lambda i=i: source[i], c.data.canvas_size)
-    if record is not None:
-      pairs.append((record['image'], record['hw']))
-    if len(pairs) == n:
-      break
-  if not pairs:
-    return None
-  canvas, hw = (np.stack(x) for x in zip(*pairs))
-  fn = make_attention_fn(run.teacher_def, size=c.crops.global_size,
-                         crop_fraction=c.crops.eval_crop_fraction, dtype=jnp.dtype(c.dtype))
-  tb = writer.tb if writer.active else None
-  return lambda params, step: log_to_tensorboard(tb, fn, params, canvas, hw, step,
-                                                 mass=0.6, patch=c.model.patch_size)

@@ -1,4 +1,5 @@
-"""Weighted k-NN on frozen features, the DINO protocol.
+"""Weighted k-NN on frozen features, the DINO protocol; `evaluate` is the training loop's entry
+point (config.evals 'knn'), `knn_classify_ks` the one of `python -m dino_jax.evaluate knn`.
 
 Features: teacher CLS after the final norm, L2-normalised. For each test image the k most
 cosine-similar train images vote for their class with weight exp(sim / T) (T = 0.07); the
@@ -22,6 +23,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dino_jax import sharding
+from dino_jax.evaluators import features as features_lib
 
 OFFICIAL_KS = (10, 20, 100, 200)
 
@@ -118,6 +120,30 @@ def knn_classify(train_feats, train_labels, test_feats, test_labels, *, k: int =
   return knn_classify_ks(train_feats, train_labels, test_feats, test_labels, ks=(k,),
                          temperature=temperature, num_classes=num_classes, chunk=chunk,
                          mesh=mesh)[k]
+
+
+def evaluate(inputs) -> dict[str, float] | None:
+  """The training loop's k-NN (`config.evals` entry 'knn'): teacher CLS features of the train
+  split (at most config.knn.max_train) and the test split, weighted k-NN with config.knn.k and
+  .temperature; {'knn_top1', 'knn_top5'} (percent), None when the data has no labelled test
+  split. `inputs`: an evaluators.LoopInputs."""
+  train, test = inputs.train_source, inputs.test_source
+  if test is None or not (train.has_labels and test.has_labels):
+    return None
+  c = inputs.config
+  kw = dict(mesh=inputs.mesh, canvas_size=c.data.canvas_size, batch_size=c.knn.batch_size)
+  train_f, train_y = features_lib.extract(inputs.feature_fn, inputs.params, train,
+                                          limit=c.knn.max_train, **kw)
+  test_f, test_y = features_lib.extract(inputs.feature_fn, inputs.params, test, **kw)
+  res = knn_classify(train_f, train_y, test_f, test_y, k=c.knn.k,
+                     temperature=c.knn.temperature)
+  return {'knn_top1': res['top1'], 'knn_top5': res['top5']}
+
+
+def describe(metrics: dict[str, float], config) -> str:
+  """The loop's printed line for `evaluate`'s metrics."""
+  return (f'k-NN (k={config.knn.k}) top-1 {metrics["knn_top1"]:.2f}% '
+          f'top-5 {metrics["knn_top5"]:.2f}%')
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
