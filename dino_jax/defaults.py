@@ -103,6 +103,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.clip_mode = 'per_param'  # ... of each tensor (v1) | 'per_module' global norm (v2)
   c.optim.freeze_last_layer = 1  # epochs with the head's last layer frozen
   c.optim.momentum_teacher = 0.996  # teacher EMA momentum, cosine to 1
+  # Schedule family: 'cosine' (DINO, DINOv2: lr and wd by cosines, momentum cosine to 1) |
+  # 'constant' (DINOv3: linear lr warmup from 0, then lr, weight_decay, momentum_teacher
+  # constant; teacher temperature linear per step over its warmup, then constant).
+  c.optim.schedules = 'cosine'
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8

@@ -1,8 +1,15 @@
 """Every scheduled value as a pure function of the global step (nothing recompiles).
 
-Matches the official per-iteration arrays: `cosine(step)` equals
-`cosine_scheduler(base, final, epochs, niter, warmup_epochs, start)[step]`, and the teacher
-temperature is a per-epoch linspace followed by a constant.
+Two families, chosen by config.optim.schedules:
+- 'cosine' (DINO, DINOv2): matches the official per-iteration arrays: `cosine(step)` equals
+  `cosine_scheduler(base, final, epochs, niter, warmup_epochs, start)[step]`; lr and weight
+  decay decay by cosines, the teacher momentum rises to 1, and the teacher temperature is a
+  per-epoch linspace (per step with loss.teacher_temp_per_step) followed by a constant.
+- 'constant' (DINOv3's "v2" schedules): `warmup_cosine_constant` with peak == end, i.e. a
+  linear warmup from 0 (last point excluded, as numpy's linspace(..., endpoint=False)), then the
+  peak for good: lr constant after its warmup, weight decay and teacher momentum constant, the
+  teacher temperature linear per step from loss.warmup_teacher_temp to loss.teacher_temp over
+  its warmup epochs, then constant.
 """
 from __future__ import annotations
 
@@ -25,6 +32,22 @@ def cosine(step, base: float, final: float, total_steps: int, warmup_steps: int 
   return jnp.where(step < warmup_steps, warm, cos)
 
 
+def warmup_cosine_constant(step, start: float, peak: float, end: float, warmup_steps: int,
+                           total_steps: int, cosine_steps: int | None = None):
+  """DINOv3's schedule shape: linear start -> peak over `warmup_steps` (peak itself not
+  reached), a half cosine peak -> end over `cosine_steps` (both ends included; default: every
+  step after the warmup), then `end` to the last step."""
+  step = jnp.asarray(step, jnp.float32)
+  if cosine_steps is None:
+    cosine_steps = total_steps - warmup_steps
+  warm = start + (peak - start) * step / max(warmup_steps, 1)
+  t = jnp.clip(step - warmup_steps, 0, max(cosine_steps - 1, 0))
+  phase = jnp.pi * t / (cosine_steps - 1) if cosine_steps > 1 else jnp.zeros_like(t)
+  cos = end + (peak - end) * 0.5 * (1 + jnp.cos(phase))
+  return jnp.where(step < warmup_steps, warm,
+                   jnp.where(step < warmup_steps + cosine_steps, cos, end))
+
+
 def teacher_temperature(step, steps_per_epoch: int, warmup_temp: float, temp: float,
                         warmup_epochs: int):
   """Per-epoch linspace(warmup_temp, temp, warmup_epochs), then temp."""
@@ -40,6 +63,9 @@ LR_SCALING = {
     'linear': lambda lr, batch: lr * batch / 256.0,  # DINO
     'sqrt': lambda lr, batch: lr * (batch / 1024.0) ** 0.5,  # DINOv2
 }
+
+
+SCHEDULES = ('cosine', 'constant')
 
 
 def scaled_lr(lr: float, batch_size: int, rule: str) -> float:
@@ -63,6 +89,7 @@ class Schedules:
   warmup_teacher_temp_epochs: int
   freeze_last_layer_steps: int
   teacher_temp_per_step: bool = False
+  family: str = 'cosine'  # SCHEDULES: 'cosine' (DINO, DINOv2) | 'constant' (DINOv3)
 
   @classmethod
   def from_config(cls, config, steps_per_epoch: int) -> 'Schedules':
@@ -79,18 +106,33 @@ class Schedules:
         teacher_temp=l.teacher_temp, warmup_teacher_temp=l.warmup_teacher_temp,
         warmup_teacher_temp_epochs=l.warmup_teacher_temp_epochs,
         freeze_last_layer_steps=int(round(o.freeze_last_layer * steps_per_epoch)),
-        teacher_temp_per_step=l.teacher_temp_per_step)
+        teacher_temp_per_step=l.teacher_temp_per_step, family=o.schedules)
+
+  @property
+  def constant(self) -> bool:
+    return self.family == 'constant'
 
   def lr(self, step):
+    if self.constant:
+      return warmup_cosine_constant(step, 0.0, self.lr_peak, self.lr_peak, self.warmup_steps,
+                                    self.total_steps)
     return cosine(step, self.lr_peak, self.min_lr, self.total_steps, self.warmup_steps)
 
   def weight_decay(self, step):
+    if self.constant:
+      return jnp.full(jnp.shape(step), self.wd, jnp.float32)
     return cosine(step, self.wd, self.wd_end, self.total_steps)
 
   def teacher_momentum(self, step):
+    if self.constant:
+      return jnp.full(jnp.shape(step), self.momentum, jnp.float32)
     return cosine(step, self.momentum, 1.0, self.total_steps)
 
   def teacher_temp_at(self, step):
+    if self.constant:
+      return warmup_cosine_constant(
+          step, self.warmup_teacher_temp, self.teacher_temp, self.teacher_temp,
+          self.warmup_teacher_temp_epochs * self.steps_per_epoch, self.total_steps)
     if self.teacher_temp_per_step:  # DINOv2: linear over the warmup steps, then constant
       return cosine(step, self.teacher_temp, self.teacher_temp,
                     self.warmup_teacher_temp_epochs * self.steps_per_epoch,

@@ -6,7 +6,7 @@ import os
 from dino_jax import evaluators, paths, sharding
 from dino_jax.data import sources
 from dino_jax.errors import DinoJaxError
-from dino_jax.schedules import LR_SCALING
+from dino_jax.schedules import LR_SCALING, SCHEDULES
 from dino_jax.models import FFNS, PATCH_SIZES, REMAT_POLICIES, VARIANTS, patch_out_dim
 
 
@@ -82,6 +82,8 @@ def validate(config, n_devices: int | None = None) -> None:
          f'{l.mask_ratio} is not a range within [0, 1]')
   _check(o.lr_scaling in LR_SCALING, 'optim.lr_scaling',
          f'{o.lr_scaling!r} is not one of {sorted(LR_SCALING)}')
+  _check(o.schedules in SCHEDULES, 'optim.schedules',
+         f'{o.schedules!r} is not one of {list(SCHEDULES)}')
   _check(o.clip_mode in ('per_param', 'per_module'), 'optim.clip_mode',
          f"{o.clip_mode!r} is not 'per_param' or 'per_module'")
   _check(0 < o.layer_decay <= 1, 'optim.layer_decay', 'must be in (0, 1]')

@@ -183,6 +183,7 @@ def test_runaway_parameters_stop_the_run_before_a_save(tmp_path, digits_npz):
     ('max_param_growth', 1.0, 'config.max_param_growth: must be > 1'),
     ('crops.hue', 0.7, 'config.crops.hue'),
     ('optim.b2', 1.0, 'config.optim.b1: Adam betas'),
+    ('optim.schedules', 'linear', "config.optim.schedules: 'linear' is not one of ['cosine', 'constant']"),
 ])
 def test_more_config_errors_name_the_field(field, value, message):
   with pytest.raises(ConfigError) as e:
