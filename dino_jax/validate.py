@@ -8,6 +8,7 @@ from dino_jax.data import sources
 from dino_jax.errors import DinoJaxError
 from dino_jax.schedules import LR_SCALING, SCHEDULES
 from dino_jax.models import FFNS, PATCH_SIZES, REMAT_POLICIES, VARIANTS, patch_out_dim
+from dino_jax.models.stem import STEMS
 
 
 class ConfigError(DinoJaxError, ValueError):
@@ -62,6 +63,9 @@ def validate(config, n_devices: int | None = None) -> None:
   _check(m.out_dim > 0, 'model.out_dim', f'must be positive, got {m.out_dim}')
   _check(0 <= m.drop_path_rate < 1, 'model.drop_path_rate', 'must be in [0, 1)')
   _check(m.ffn in FFNS, 'model.ffn', f'{m.ffn!r} is not one of {FFNS}')
+  _check(m.stem in STEMS, 'model.stem', f'{m.stem!r} is not one of {STEMS}')
+  _check(m.stem != 'conv' or m.patch_size & (m.patch_size - 1) == 0, 'model.stem',
+         f"'conv' needs a power-of-two model.patch_size, got {m.patch_size}")
   _check(m.n_registers >= 0, 'model.n_registers', f'must be >= 0, got {m.n_registers}')
   _check(m.layerscale >= 0, 'model.layerscale', f'must be >= 0 (0: off), got {m.layerscale}')
   _check(m.interpolate_offset >= 0, 'model.interpolate_offset', 'must be >= 0')

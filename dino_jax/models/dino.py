@@ -86,7 +86,7 @@ def vit_config(config, *, teacher: bool = False) -> ViTConfig:
       drop_path_uniform=m.drop_path_uniform, layerscale=m.layerscale,
       n_registers=m.n_registers, ffn=m.ffn, mask_token=m.mask_token,
       interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias,
-      remat=m.remat, pack_crops=m.pack_crops)
+      remat=m.remat, pack_crops=m.pack_crops, stem=m.stem)
 
 
 def build(config, *, teacher: bool = False, dtype=None, seed: int = 0) -> DINO:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from typing import NamedTuple
 
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dino_jax.models import packing
+from dino_jax.models import packing, stem
 from dino_jax.models.ffn import LayerScale, Mlp, SwiGLU, gelu, swiglu_hidden  # noqa: F401
 from dino_jax.models.pos_embed import (interpolate_pos_embed, torch_bicubic_aa_matrix,  # noqa: F401
                                        torch_bicubic_matrix)
@@ -56,12 +55,6 @@ LN_EPS = 1e-6
 _normal02 = nnx.initializers.normal(stddev=0.02)
 
 
-def _torch_conv_init(fan_in: int):
-  """PyTorch's default Conv2d init for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = 1.0 / math.sqrt(fan_in)
-  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
   width: int
@@ -79,12 +72,15 @@ class ViTConfig:
   interpolate_offset: float = 0.1  # pos-embed resize scale (n + offset)/S; 0: exact size n
   interpolate_antialias: bool = False  # antialiased bicubic (DINOv2 register models)
   remat: str = 'none'  # REMAT_POLICIES name (True/False: 'block'/'none', older configs)
-  pack_crops: bool = False  # multi-crop passes as one packed token matrix (DINO.multicrop, step)
+  pack_crops: bool = False  # multi-crop passes as one packed token matrix (DINO.backbone_crops)
+  stem: str = 'patch'  # patch embedding (models/stem.py): 'patch' (official) | 'conv'
 
   def __post_init__(self):
     object.__setattr__(self, 'remat', remat_policy(self.remat))
     if self.ffn not in FFNS:
       raise ValueError(f'unknown ffn {self.ffn!r}; choose one of {FFNS}')
+    if self.stem not in stem.STEMS:
+      raise ValueError(f'unknown stem {self.stem!r}; choose one of {stem.STEMS}')
     if self.n_registers < 0 or self.layerscale < 0:
       raise ValueError('n_registers and layerscale must be >= 0')
 
@@ -287,9 +283,7 @@ class ViT(nnx.Module):
     self.cfg = cfg
     self.dtype = dtype
     d, p = cfg.width, cfg.patch_size
-    self.patch_embed = nnx.Conv(3, d, kernel_size=(p, p), strides=(p, p), padding='VALID',
-                                dtype=dtype, kernel_init=_torch_conv_init(3 * p * p),
-                                bias_init=_torch_conv_init(3 * p * p), rngs=rngs)
+    self.patch_embed = stem.make(cfg.stem, d, p, dtype=dtype, rngs=rngs)
     grid = cfg.img_size // p
     self.cls_token = nnx.Param(_normal02(rngs.params(), (1, 1, d)))
     self.pos_embed = nnx.Param(_normal02(rngs.params(), (1, 1 + grid * grid, d)))
