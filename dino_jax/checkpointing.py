@@ -262,6 +262,13 @@ def restore_params(path: str, abstract_params: dict, which: str = 'teacher',
   key = {'teacher': 'teacher_params', 'student': 'params'}.get(which)
   if key is None:
     raise ValueError(f"which={which!r}: choose 'teacher' or 'student'")
+  parts, step = restore_parts(path, {key: abstract_params}, step)
+  return parts[key], step
+
+
+def restore_parts(path: str, abstract: dict, step: int | None = None) -> tuple[dict, int]:
+  """({TrainState field: tree}, step) of the fields named in `abstract` (e.g. 'teacher_params',
+  'center': ShapeDtypeStructs) from a workdir or a step directory, reading only those."""
 
   def restore_arg(x):
     if getattr(x, 'sharding', None) is None:
@@ -270,10 +277,9 @@ def restore_params(path: str, abstract_params: dict, which: str = 'teacher',
 
   mngr, step = _open(path, step)
   try:
-    item = {key: abstract_params}
     r = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, partial_restore=True, restore_args=jax.tree.map(restore_arg, item))))
-    return r['state'][key], step
+        item=abstract, partial_restore=True, restore_args=jax.tree.map(restore_arg, abstract))))
+    return r['state'], step
   finally:
     mngr.close()
 

@@ -6,9 +6,11 @@ backbones with or without registers (S/B/L/g, patch 14), DINOv2 training checkpo
 chunked blocks (`blocks.<chunk>.<i>.`), and `.safetensors` files of any of these layouts.
 The architecture is inferred from the weights unless given; every key and shape is checked.
 
-Writes: a converted `.safetensors` file (Flax parameter paths, the model config as metadata)
-that `load` turns into a ready Flax module, and exports Flax params back to the official key
-layout as a PyTorch `.pth` state_dict or `.safetensors`.
+Writes: our model file (dino_jax/weights.py: `.safetensors`, Flax parameter paths, the
+architecture as metadata) that `dino_jax.load_model` and `load` turn into a ready Flax module,
+and Flax params back in the official key layout as a PyTorch `.pth` state_dict or
+`.safetensors`. This module holds the official key tables and reading; model files are
+weights.py's.
 
   python -m dino_jax.convert import dino_deitsmall16_pretrain.pth vits16.safetensors
   python -m dino_jax.convert import dino_vitbase16_pretrain_full_checkpoint.pth b16.safetensors --key student
@@ -18,27 +20,24 @@ layout as a PyTorch `.pth` state_dict or `.safetensors`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
 import os
 import pickle
 import re
 import sys
-from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from flax import nnx
 
-from dino_jax import config_file, paths
+from dino_jax import paths, weights
 from dino_jax.errors import DinoJaxError
-from dino_jax.models import DINOHead, VARIANTS, ViT, ViTConfig, vit_config
+from dino_jax.models import ViT, ViTConfig
+from dino_jax.weights import HeadConfig, Weights, flat, unflat
 
 HEAD_DIM = 64  # every official DINO / DINOv2 ViT; pass heads= for other models
 HEAD_PREFIXES = ('head.', 'dino_head.')  # v1 full checkpoints / DINOv2 training checkpoints
 IGNORED_PREFIXES = ('ibot_head.',)  # DINOv2's separate iBOT head: no place in this model
-FORMAT = 'dino_jax.convert/1'
 
 
 class CheckpointError(DinoJaxError, ValueError):
@@ -49,44 +48,6 @@ class UnsafeCheckpointError(DinoJaxError, ValueError):
   """The file holds pickled objects that are not plain tensors and containers."""
 
 
-class ModelFileError(DinoJaxError, ValueError):
-  """A file that cannot be read as model weights: truncated, corrupt, or not a model file of
-  the kind its name or metadata says. The message names the file."""
-
-
-def error_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return f'{type(e).__name__}: {text.splitlines()[0][:200]}' if text else type(e).__name__
-
-
-def _check_regular(path) -> None:
-  """A FIFO, socket or device is refused unopened (reading a FIFO would block forever)."""
-  kind = paths.special_kind(os.stat(path).st_mode)
-  if kind:
-    raise ModelFileError(f'{path}: not a regular file (a {kind})')
-
-
-def _unreadable(path, kind: str, e: BaseException) -> ModelFileError:
-  return ModelFileError(f'{path}: cannot be read as {kind} (truncated or corrupt? '
-                        f'{error_line(e)})')
-
-
-class HeadConfig(NamedTuple):
-  out_dim: int
-  hidden_dim: int
-  bottleneck_dim: int
-  nlayers: int
-
-
-class Converted(NamedTuple):
-  vit: ViTConfig
-  backbone: dict  # nested Flax params of the ViT
-  head_config: HeadConfig | None = None
-  head: dict | None = None  # nested Flax params of the DINOHead, when the checkpoint has one
-  center: np.ndarray | None = None  # (1, K) DINO loss center of a v1 full checkpoint
-  ignored: tuple[str, ...] = ()  # checkpoint keys deliberately left out (e.g. ibot_head.*)
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading files safely
 
@@ -94,13 +55,13 @@ def read_file(path: str | os.PathLike) -> dict:
   """The checkpoint object at `path`: .safetensors without torch, .pth with weights_only."""
   path = os.fspath(path)
   if path.endswith('.safetensors'):
-    return _in_safetensors(path, lambda f: {k: f.get_tensor(k) for k in f.keys()})
+    return weights.in_safetensors(path, lambda f: {k: f.get_tensor(k) for k in f.keys()})
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
     raise ImportError(f'{path}: reading a PyTorch .pth file needs torch (pip install '
                       f"'dino_jax[torch]'); .safetensors files need no torch") from None
-  _check_regular(path)
+  weights.check_regular(path)
   # argparse.Namespace is a plain attribute bag: the v1 full checkpoints pickle their `args`.
   with torch.serialization.safe_globals([argparse.Namespace]):
     try:
@@ -113,7 +74,7 @@ def read_file(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
       raise
     except Exception as e:  # pylint: disable=broad-except  # zip / EOF errors of a cut file
-      raise _unreadable(path, 'a PyTorch checkpoint', e) from None
+      raise weights.unreadable(path, 'a PyTorch checkpoint', e) from None
   return _to_numpy(obj)
 
 
@@ -230,30 +191,8 @@ def infer_head_config(sd: dict) -> HeadConfig | None:
                     nlayers=len(idx))
 
 
-def arch_name(cfg: ViTConfig) -> str | None:
-  """The VARIANTS name of (width, depth, heads), if any."""
-  return next((n for n, v in VARIANTS.items() if v == (cfg.width, cfg.depth, cfg.heads)), None)
-
-
 # ---------------------------------------------------------------------------------------------
 # The name table: Flax path -> official key, and the layout change between them
-
-def _flat(tree: dict) -> dict[str, Any]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'.'.join(str(getattr(p, 'key', getattr(p, 'idx', p))) for p in path): v
-          for path, v in leaves}
-
-
-def _unflat(flat: dict[str, Any]) -> dict:
-  tree: dict = {}
-  for name, v in flat.items():
-    *parents, leaf = name.split('.')
-    node = tree
-    for p in parents:
-      node = node.setdefault(int(p) if p.isdigit() else p, {})
-    node[int(leaf) if leaf.isdigit() else leaf] = v
-  return tree
-
 
 _RULES = (  # (Flax pattern, official replacement, layout); the first match wins
     (r'^patch_embed\.kernel$', 'patch_embed.proj.weight', 'conv'),
@@ -292,40 +231,31 @@ def _torch_shape(shape, layout: str) -> tuple[int, ...]:
   return {'same': s, 'linear': s[::-1], 'conv': s[3:] + s[2:3] + s[:2]}[layout]
 
 
-def _shape_str(shape) -> str:
-  return str(tuple(int(s) for s in shape))
-
-
 def _import(sd: dict, abstract: dict, prefix: str, head_nlayers: int = 3) -> tuple[dict, set]:
   """Flax params shaped like `abstract` from the official state_dict; returns (params, keys
   used). A missing key or a shape mismatch raises naming the key and both shapes."""
   out, used = {}, set()
-  for name, leaf in _flat(abstract).items():
+  for name, leaf in flat(abstract).items():
     key, layout = torch_key(prefix + name, head_nlayers)
     want = _torch_shape(leaf.shape, layout)
     if key not in sd:
       raise CheckpointError(f'checkpoint has no {key!r}, which the model needs (shape '
-                            f'{_shape_str(want)})')
+                            f'{weights.shape_str(want)})')
     if tuple(sd[key].shape) != tuple(want):
       raise CheckpointError(f'shape mismatch for {key!r}: the checkpoint has '
-                            f'{_shape_str(sd[key].shape)}, the model expects {_shape_str(want)}')
+                            f'{weights.shape_str(sd[key].shape)}, the model expects '
+                            f'{weights.shape_str(want)}')
     out[name] = np.ascontiguousarray(_from_torch_layout(sd[key], layout), dtype=np.float32)
     used.add(key)
-  return _unflat(out), used
-
-
-def _abstract_params(module_fn) -> dict:
-  return nnx.state(nnx.eval_shape(module_fn), nnx.Param).to_pure_dict()
+  return unflat(out), used
 
 
 def vit_from_state_dict(sd: dict, cfg: ViTConfig) -> tuple[dict, set]:
-  return _import(sd, _abstract_params(lambda: ViT(cfg, rngs=nnx.Rngs(0))), '')
+  return _import(sd, weights.abstract_params(lambda: ViT(cfg, rngs=nnx.Rngs(0))), '')
 
 
 def head_from_state_dict(sd: dict, width: int, hcfg: HeadConfig) -> tuple[dict, set]:
-  abstract = _abstract_params(lambda: DINOHead(
-      width, hcfg.out_dim, hidden_dim=hcfg.hidden_dim, bottleneck_dim=hcfg.bottleneck_dim,
-      nlayers=hcfg.nlayers, rngs=nnx.Rngs(0)))
+  abstract = weights.abstract_params(lambda: weights.head_module(width, hcfg))
   params, used = _import(sd, {'head': abstract}, '', hcfg.nlayers)
   return params['head'], used
 
@@ -333,11 +263,11 @@ def head_from_state_dict(sd: dict, width: int, hcfg: HeadConfig) -> tuple[dict, 
 def to_state_dict(backbone: dict, head: dict | None = None, head_nlayers: int = 3) -> dict:
   """Flax params -> official state_dict (numpy, f32): hub backbone keys, plus 'head.*' keys
   (DINO v1 layout) when `head` is given."""
-  flat = dict(_flat(backbone))
+  names = flat(backbone)
   if head is not None:
-    flat.update({'head.' + k: v for k, v in _flat(head).items()})
+    names.update({'head.' + k: v for k, v in flat(head).items()})
   out = {}
-  for name, v in flat.items():
+  for name, v in names.items():
     key, layout = torch_key(name, head_nlayers)
     out[key] = np.ascontiguousarray(_to_torch_layout(np.asarray(v, np.float32), layout))
   return out
@@ -347,7 +277,7 @@ def to_state_dict(backbone: dict, head: dict | None = None, head_nlayers: int = 
 # Whole conversions
 
 def convert(path_or_obj, *, key: str = 'teacher', with_head: bool = True,
-            **vit_overrides) -> Converted:
+            **vit_overrides) -> Weights:
   """Convert an official checkpoint (path, or an already-read object) into Flax params. Every
   key and shape is checked; a mismatch raises CheckpointError naming the key (and the file)."""
   if not isinstance(path_or_obj, (str, os.PathLike)):
@@ -359,7 +289,7 @@ def convert(path_or_obj, *, key: str = 'teacher', with_head: bool = True,
     raise CheckpointError(f'{e} (in {os.fspath(path_or_obj)})') from None
 
 
-def _convert(obj, key: str, with_head: bool, vit_overrides: dict) -> Converted:
+def _convert(obj, key: str, with_head: bool, vit_overrides: dict) -> Weights:
   if not isinstance(obj, dict):
     raise CheckpointError(f'the checkpoint holds a {type(obj).__name__}, not a dict of '
                           f'tensors')
@@ -381,144 +311,17 @@ def _convert(obj, key: str, with_head: bool, vit_overrides: dict) -> Converted:
                      + (f' and {len(extra) - 8} more' if len(extra) > 8 else ''))
   if center is not None:
     center = np.asarray(center, np.float32).reshape(1, -1)
-  return Converted(vit, backbone, hcfg, head, center, ignored)
+  return Weights(vit, backbone, hcfg, head, center, ignored)
 
 
-def model_fields(c: Converted) -> dict:
-  """The `config.model` fields that rebuild this architecture (arch None if not a variant)."""
-  v = c.vit
-  fields = {'arch': arch_name(v), 'patch_size': v.patch_size, 'img_size': v.img_size,
-            'width': v.width, 'depth': v.depth, 'heads': v.heads, 'mlp_ratio': v.mlp_ratio,
-            'layerscale': v.layerscale, 'n_registers': v.n_registers, 'ffn': v.ffn,
-            'mask_token': v.mask_token, 'interpolate_offset': v.interpolate_offset,
-            'interpolate_antialias': v.interpolate_antialias}
-  if c.head_config is not None:
-    h = c.head_config
-    fields.update(out_dim=h.out_dim, head_hidden_dim=h.hidden_dim,
-                  head_bottleneck_dim=h.bottleneck_dim, head_layers=h.nlayers)
-  return fields
-
-
-def save(c: Converted, path: str | os.PathLike, source: str = '') -> None:
-  """Write a converted model as .safetensors: 'backbone.*', 'head.*', 'center' tensors (Flax
-  paths) and the architecture as JSON metadata."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  tensors = {'backbone.' + k: np.ascontiguousarray(v) for k, v in _flat(c.backbone).items()}
-  if c.head is not None:
-    tensors.update({'head.' + k: np.ascontiguousarray(v) for k, v in _flat(c.head).items()})
-  if c.center is not None:
-    tensors['center'] = np.ascontiguousarray(c.center)
-  meta = {'format': FORMAT, 'vit': json.dumps(dataclasses.asdict(c.vit)),
-          'head': json.dumps(c.head_config._asdict() if c.head_config else None),
-          'model': json.dumps(model_fields(c)), 'source': source}
-  save_file(tensors, os.fspath(path), metadata=meta)
-
-
-def _in_safetensors(path, fn):
-  """fn(safe_open handle) for a .safetensors file; a damaged file raises ModelFileError."""
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-  _check_regular(path)
-  try:
-    with safe_open(os.fspath(path), framework='numpy') as f:
-      return fn(f)
-  except FileNotFoundError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  # SafetensorError is no ValueError
-    raise _unreadable(path, 'a .safetensors file', e) from None
-
-
-def check_tensors(loaded: dict, expected: dict, what: str) -> None:
-  """Raise CheckpointMismatchError, naming `what` (the file) and the tensor, unless `loaded`
-  (arrays) has exactly the tensors of `expected` (arrays or ShapeDtypeStructs), each with its
-  shape and a floating dtype. Both are {dotted name: leaf} dicts or nested dicts."""
-  from dino_jax import checkpointing  # pylint: disable=import-outside-toplevel
-  loaded, expected = _flat(loaded), _flat(expected)
-  missing = sorted(set(expected) - set(loaded))
-  extra = sorted(set(loaded) - set(expected))
-  listed = lambda names: ', '.join(repr(n) for n in names[:3]) + (
-      f' and {len(names) - 3} more' if len(names) > 3 else '')
-  if missing:
-    raise checkpointing.CheckpointMismatchError(
-        f'{what}: no tensor {listed(missing)}, which the model needs (shape '
-        f'{_shape_str(expected[missing[0]].shape)}{" for the first" if len(missing) > 1 else ""})')
-  if extra:
-    raise checkpointing.CheckpointMismatchError(
-        f'{what}: unexpected tensor {listed(extra)}, which the model has no place for')
-  checkpointing.check_fits(loaded, {k: expected[k] for k in loaded}, what)  # names each shape
-  for k, v in loaded.items():
-    if not np.issubdtype(np.asarray(v).dtype, np.floating):
-      raise checkpointing.CheckpointMismatchError(
-          f'{what}: tensor {k!r} holds {np.asarray(v).dtype}, not floating-point weights')
-
-
-def _expected_tensors(vit: ViTConfig, head: HeadConfig | None, center) -> dict:
-  """{file tensor name: ShapeDtypeStruct} of a converted model of this architecture."""
-  expected = {'backbone.' + k: v for k, v in _flat(_abstract_params(
-      lambda: ViT(vit, rngs=nnx.Rngs(0)))).items()}
-  if head is not None:
-    expected.update({'head.' + k: v for k, v in _flat(_abstract_params(lambda: DINOHead(
-        vit.width, head.out_dim, hidden_dim=head.hidden_dim, bottleneck_dim=head.bottleneck_dim,
-        nlayers=head.nlayers, rngs=nnx.Rngs(0)))).items()})
-  if center is not None:  # optional: (1, K), K the head's output size when there is a head
-    k = head.out_dim if head is not None else int(np.size(center))
-    expected['center'] = jax.ShapeDtypeStruct((1, k), np.float32)
-  return expected
-
-
-def load_converted(path: str | os.PathLike) -> Converted:
-  """Read a file written by `save` (no pickle). Every tensor's name and shape is checked
-  against the architecture its metadata describes before anything is built; a mismatch raises
-  CheckpointMismatchError and an unreadable file ModelFileError, both naming the file."""
-  meta, tensors = _in_safetensors(path, lambda f: (
-      f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-      if (f.metadata() or {}).get('format') == FORMAT else None))
-  if tensors is None:
-    raise ModelFileError(f'{path}: not a dino_jax converted model (metadata format '
-                         f'{meta.get("format")!r}); convert official weights with '
-                         f'`python -m dino_jax.convert import`')
-  try:
-    vit = ViTConfig(**json.loads(meta['vit']))
-    head = json.loads(meta['head'])
-    head = HeadConfig(**head) if head else None
-    expected = _expected_tensors(vit, head, tensors.get('center'))
-  except Exception as e:  # pylint: disable=broad-except  # any metadata that builds no model
-    raise ModelFileError(f'{path}: damaged dino_jax metadata ({error_line(e)})') from None
-  check_tensors(tensors, expected, f'{path} (against the model its metadata describes)')
-  part = lambda p: _unflat({k[len(p):]: v for k, v in tensors.items() if k.startswith(p)})
-  return Converted(vit, part('backbone.'), head, part('head.') if head else None,
-                   tensors.get('center'))
-
-
-def _set_params(module: nnx.Module, params: dict) -> nnx.Module:
-  state = nnx.state(module, nnx.Param)
-  state.replace_by_pure_dict(jax.tree.map(np.asarray, params))
-  nnx.update(module, state)
-  return module
-
-
-def build_backbone(c: Converted, dtype=np.float32) -> ViT:
-  """A ready Flax ViT holding the converted weights."""
-  return _set_params(ViT(c.vit, dtype=dtype, rngs=nnx.Rngs(0)), c.backbone)
-
-
-def build_head(c: Converted, dtype=np.float32) -> DINOHead:
-  if c.head is None:
-    raise ValueError('this checkpoint has no head (hub files are backbone-only)')
-  h = c.head_config
-  return _set_params(DINOHead(c.vit.width, h.out_dim, hidden_dim=h.hidden_dim,
-                              bottleneck_dim=h.bottleneck_dim, nlayers=h.nlayers, dtype=dtype,
-                              rngs=nnx.Rngs(0)), c.head)
+# Moved to weights.read_file; kept only until train._init_gram_teacher (being written) calls it.
+load_converted = weights.read_file
 
 
 def load(path: str | os.PathLike, dtype=np.float32) -> ViT:
-  """A Flax ViT from a converted .safetensors file or directly from an official checkpoint."""
-  c = load_converted(path) if _is_converted(path) else convert(path)
-  return build_backbone(c, dtype)
-
-
-def _is_converted(path) -> bool:
-  return os.fspath(path).endswith('.safetensors') and _in_safetensors(
-      path, lambda f: (f.metadata() or {}).get('format') == FORMAT)
+  """A Flax ViT from one of our model files or directly from an official checkpoint."""
+  w = weights.read_file(path) if weights.is_model_file(path) else convert(path)
+  return weights.build_backbone(w, dtype)
 
 
 def export(backbone: dict, path: str | os.PathLike, head: dict | None = None,
@@ -538,20 +341,6 @@ def export(backbone: dict, path: str | os.PathLike, head: dict | None = None,
                         'write .safetensors instead') from None
     torch.save({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, path)
   return sd
-
-
-def from_workdir(workdir: str, step: int | None = None, key: str = 'teacher') -> Converted:
-  """The teacher (or student) of a dino_jax training checkpoint, as a Converted model."""
-  from dino_jax import checkpointing  # pylint: disable=import-outside-toplevel
-  state, config = checkpointing.restore_raw(workdir, step)
-  params = state['teacher_params' if key == 'teacher' else 'params']
-  params = jax.tree.map(np.asarray, params)
-  config = config_file.from_saved(config)
-  vit = vit_config(config, teacher=True)
-  m = config.model
-  head = HeadConfig(m.out_dim, m.head_hidden_dim, m.head_bottleneck_dim, m.head_layers)
-  return Converted(vit, _unflat(_flat(params['backbone'])), head,
-                   _unflat(_flat(params['head'])), np.asarray(state['center']))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,14 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == 'import':
       overrides = {'heads': args.heads} if args.heads else {}
       c = convert(args.src, key=args.key, with_head=not args.no_head, **overrides)
-      save(c, args.dst, source=os.path.basename(args.src))
+      weights.save(c, args.dst, source=os.path.basename(args.src))
       n = sum(v.size for v in jax.tree.leaves((c.backbone, c.head)))
-      print(f'{args.src} -> {args.dst}: {model_fields(c)}, {n:,} parameters'
+      print(f'{args.src} -> {args.dst}: {weights.model_fields(c)}, {n:,} parameters'
             + (f', center {c.center.shape}' if c.center is not None else '')
             + (f'; left out {len(c.ignored)} keys ({c.ignored[0]} ...)' if c.ignored else ''))
     else:
       is_workdir = paths.is_remote(args.src) or os.path.isdir(args.src)  # local or gs:// workdir
-      c = from_workdir(args.src, args.step) if is_workdir else load_converted(args.src)
+      c = weights.from_workdir(args.src, args.step) if is_workdir else weights.read_file(args.src)
       sd = export(c.backbone, args.dst, c.head if args.with_head else None,
                   c.head_config.nlayers if c.head_config else 3)
       print(f'{args.src} -> {args.dst}: {len(sd)} tensors in the official layout')

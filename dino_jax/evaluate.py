@@ -7,7 +7,7 @@ k-NN, linear probe, attention maps, DAVIS video.
   python -m dino_jax.evaluate video --model=WORKDIR --davis=DAVIS_ROOT [--out=DIR]
 
 --model takes a workdir (newest checkpoint), a WORKDIR/checkpoints/<step> directory or a file
-written by `python -m dino_jax.inference export` (what weight conversion produces too).
+written by `python -m dino_jax.inference export` or `python -m dino_jax.convert import`.
 --init evaluates the network at initialisation instead: the model of the checkpoint's config,
 built with its seed (the teacher at step 0).
 """
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dino_jax import checkpointing, data, evaluators, inference, models, paths, sharding
+from dino_jax import checkpointing, data, evaluators, models, paths, sharding, weights
 from dino_jax.errors import DinoJaxError
 from dino_jax.evaluators import attention as attention_lib
 from dino_jax.evaluators import features as features_lib
@@ -38,11 +38,11 @@ DEFAULT_LRS = (1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # official base lr: 
 def load(args):
   """(ViT backbone, config, description) as the common flags say."""
   if args.init:
-    config = inference.read_config(args.model, args.step)
+    config = weights.read_config(args.model, args.step)
     model = models.build(config, seed=config.seed, dtype=args.dtype or config.dtype)
     return model.backbone, config, f'{args.model} at initialisation (seed {config.seed})'
-  model, config = inference.load_model(args.model, which=args.which, step=args.step,
-                                       dtype=args.dtype)
+  model, config = weights.load_model(args.model, which=args.which, step=args.step,
+                                     dtype=args.dtype)
   step = '' if paths.isfile(args.model) else f' step {_step(args)}'
   return model, config, f'{args.model} ({args.which}{step})'
 

@@ -166,9 +166,10 @@ def _start_state(run: Run, workdir: str, mngr):
 
 def _init_from_converted(state, path: str):
   """Student and teacher start from official weights converted by `python -m dino_jax.convert
-  import` (the backbone, and the head and center when the file has them and they fit)."""
-  from dino_jax import convert  # pylint: disable=import-outside-toplevel
-  c = convert.load_converted(path)
+  import` or another model file (dino_jax/weights.py: the backbone, and the head and center
+  when the file has them and they fit)."""
+  from dino_jax import weights  # pylint: disable=import-outside-toplevel
+  c = weights.read_file(path)
   parts = {'backbone': c.backbone}
   if c.head is not None:
     parts['head'] = c.head

@@ -15,7 +15,7 @@ import pytest
 
 import dino_jax
 from conftest import REPO, tiny_config
-from dino_jax import checkpointing, image_ops, inference, paths, sharding, train
+from dino_jax import checkpointing, image_ops, inference, paths, sharding, train, weights
 from dino_jax.metrics import MetricWriter
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -258,7 +258,7 @@ def test_export_to_a_bucket_and_load_it_back(bucket, trained, capsys):
   model, _ = dino_jax.load_model(workdir)
   images = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(exported(images).cls), np.asarray(model(images).cls))
-  assert inference.read_config(f'{url}/models/teacher.msgpack').model.to_dict() == \
+  assert weights.read_config(f'{url}/models/teacher.msgpack').model.to_dict() == \
       cfg.model.to_dict()
 
 
@@ -272,10 +272,9 @@ def test_preprocess_any_size_grayscale_or_rgb():
 def test_init_from_converted_official_weights(tmp_path, trained):
   """A file written by `python -m dino_jax.convert import` (here: made from a run's teacher)
   starts student and teacher; a model it does not fit is a clear error."""
-  from dino_jax import convert  # pylint: disable=import-outside-toplevel
   src, config, state = trained
   path = str(tmp_path / 'weights.safetensors')
-  convert.save(convert.from_workdir(src), path)
+  weights.save(weights.from_workdir(src), path)
   run = train.build(tiny_config(**{**_overrides(config), 'init_from': path}))
   mngr = checkpointing.manager(str(tmp_path / 'w'))
   start, _, mngr = train._start_state(run, str(tmp_path / 'w'), mngr)  # pylint: disable=protected-access

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dino_jax import checkpointing, convert, models, state as state_lib
+from dino_jax import checkpointing, convert, models, weights
+from dino_jax import state as state_lib
 from dino_jax.models import vit as vit_lib
 
 try:
@@ -289,14 +290,14 @@ def test_parity_with_pytorch_reference(fmt, tmp_path):
   assert (c.vit.width, c.vit.depth, c.vit.heads, c.vit.patch_size) == (
       128, 4, 2, ref.patch)
   assert c.vit.n_registers == ref.registers
-  compare(ref, convert.build_backbone(c), SIZES[ref.patch])
+  compare(ref, weights.build_backbone(c), SIZES[ref.patch])
   if ref_head is None:
     assert c.head is None
   else:
     x = np.random.default_rng(1).normal(size=(5, 128)).astype(np.float32)
     with torch.no_grad():
       want = ref_head(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(convert.build_head(c)(jnp.asarray(x)), want, **TOL)
+    np.testing.assert_allclose(weights.build_head(c)(jnp.asarray(x)), want, **TOL)
   if center is None:
     assert c.center is None
   else:
@@ -313,7 +314,7 @@ def test_mask_token_parity():
   masks = np.random.default_rng(1).random((2, 256)) < 0.4
   with torch.no_grad():
     want = ref(torch.from_numpy(x), torch.from_numpy(masks))[0].numpy()
-  got = convert.build_backbone(c)(jnp.asarray(x.transpose(0, 2, 3, 1)), masks=jnp.asarray(masks))
+  got = weights.build_backbone(c)(jnp.asarray(x.transpose(0, 2, 3, 1)), masks=jnp.asarray(masks))
   np.testing.assert_allclose(got.cls, want, **TOL)
 
 
@@ -323,9 +324,9 @@ def test_real_size_dino_vits16_parity(tmp_path):
   path = tmp_path / 'dino_deitsmall16_pretrain.pth'
   torch.save(hub_sd(ref), path)
   c = convert.convert(path)
-  assert convert.arch_name(c.vit) == 'vit_small' and len(ref.state_dict()) == 150
+  assert weights.arch_name(c.vit) == 'vit_small' and len(ref.state_dict()) == 150
   assert sum(v.size for v in jax.tree.leaves(c.backbone)) == 21_665_664
-  compare(ref, convert.build_backbone(c), [(224, 224)])
+  compare(ref, weights.build_backbone(c), [(224, 224)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +371,7 @@ def test_pth_round_trip_is_exact_and_loads_into_the_reference(tmp_path):
   assert_trees_equal(convert.convert(str(path)).backbone, params)
   ref = RefViT(depth=2, **dict(V2_G, registers=4)).eval()
   ref.load_state_dict(torch.load(path, weights_only=True), strict=True)  # official layout
-  compare(ref, convert.build_backbone(convert.convert(str(path))), [(224, 224), (98, 98)])
+  compare(ref, weights.build_backbone(convert.convert(str(path))), [(224, 224), (98, 98)])
 
 
 @needs_torch
@@ -389,10 +390,10 @@ def test_converted_file_round_trip_and_cli(tmp_path):
   src = tmp_path / 'official.safetensors'
   official = convert.export(params, src)
   assert convert.main(['import', str(src), str(tmp_path / 'conv.safetensors')]) == 0
-  c = convert.load_converted(tmp_path / 'conv.safetensors')
+  c = weights.read_file(tmp_path / 'conv.safetensors')
   assert c.vit == cfg and c.head is None
   assert_trees_equal(c.backbone, params)
-  assert convert.model_fields(c)['n_registers'] == 4
+  assert weights.model_fields(c)['n_registers'] == 4
   model = convert.load(tmp_path / 'conv.safetensors')
   assert isinstance(model, vit_lib.ViT) and model.cfg == cfg
   assert convert.main(['export', str(tmp_path / 'conv.safetensors'),
@@ -416,7 +417,7 @@ def test_export_from_a_training_workdir(config, tmp_path):
   mngr = checkpointing.manager(str(tmp_path / 'run'))
   checkpointing.save(mngr, 7, state, config, {'next_step': 7})
   mngr.wait_until_finished()
-  c = convert.from_workdir(str(tmp_path / 'run'))
+  c = weights.from_workdir(str(tmp_path / 'run'))
   assert c.vit == dataclasses.replace(student.backbone.cfg, drop_path_rate=0.0)
   assert_trees_equal(c.backbone, jax.tree.map(np.asarray, teacher['backbone']))
   np.testing.assert_array_equal(c.center, np.full((1, 64), 0.5, np.float32))
@@ -499,7 +500,7 @@ def test_safetensors_needs_no_torch_and_bad_converted_file(tmp_path):
   from safetensors.numpy import save_file
   save_file({'x': np.zeros(2, np.float32)}, str(tmp_path / 'x.safetensors'))
   with pytest.raises(ValueError, match='not a dino_jax converted model'):
-    convert.load_converted(tmp_path / 'x.safetensors')
+    weights.read_file(tmp_path / 'x.safetensors')
 
 
 
@@ -530,7 +531,7 @@ def test_head_round_trip_any_depth(nlayers):
   assert sd['head.last_layer.weight_v'].shape == (40, 8)
   assert ('head.mlp.weight' in sd) == (nlayers == 1)
   c = convert.convert(sd)
-  assert c.head_config == convert.HeadConfig(40, 24 if nlayers > 1 else 0, 8, nlayers)
+  assert c.head_config == weights.HeadConfig(40, 24 if nlayers > 1 else 0, 8, nlayers)
   assert_trees_equal(c.head, head_params)
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import REPO
 from dino_jax import checkpointing, convert, data, distributed, evaluate, plot, train, watchdog
+from dino_jax import weights
 from dino_jax.errors import DinoJaxError
 from dino_jax.validate import ConfigError
 
@@ -20,7 +21,7 @@ from dino_jax.validate import ConfigError
     (distributed.DistributedConfigError, ValueError), (train.DivergenceError, FloatingPointError),
     (checkpointing.CheckpointMismatchError, ValueError),
     (checkpointing.DamagedCheckpointError, OSError), (watchdog.CollapseError, RuntimeError),
-    (convert.ModelFileError, ValueError), (convert.CheckpointError, ValueError),
+    (weights.ModelFileError, ValueError), (convert.CheckpointError, ValueError),
     (convert.UnsafeCheckpointError, ValueError), (plot.PlotError, ValueError),
 ])
 def test_user_errors_share_the_base_and_keep_their_builtin(cls, builtin):

@@ -1,6 +1,7 @@
 """Weights files with wrong contents: a wrong shape, a missing or an unexpected tensor, a cut-off
 file, a file that is no dino_jax model. Every loader refuses each one before use with one line
 naming the file (and the tensor), and leaves the file as it was."""
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from flax import nnx, serialization
 from safetensors.numpy import save_file
 
 from conftest import REPO, tiny_config
-from dino_jax import checkpointing, convert, evaluate, inference, models
+from dino_jax import checkpointing, convert, evaluate, models, weights
 from dino_jax.models import ViTConfig
 
 Mismatch = checkpointing.CheckpointMismatchError
@@ -47,20 +48,31 @@ def network_params(module) -> dict:
 
 @pytest.fixture(scope='module')
 def good(tmp_path_factory):
-  """A converted .safetensors (backbone, head and center) and an exported .msgpack."""
+  """A converted .safetensors (backbone, head and center), an exported .msgpack of older
+  versions and an exported .safetensors (a run's backbone and config)."""
   root = tmp_path_factory.mktemp('weights')
   backbone = network_params(models.ViT(VIT, rngs=nnx.Rngs(0)))
-  head_cfg = convert.HeadConfig(out_dim=32, hidden_dim=48, bottleneck_dim=16, nlayers=3)
+  head_cfg = weights.HeadConfig(out_dim=32, hidden_dim=48, bottleneck_dim=16, nlayers=3)
   head = network_params(models.DINOHead(96, 32, hidden_dim=48, bottleneck_dim=16, nlayers=3,
                                         rngs=nnx.Rngs(1)))
   converted = root / 'converted.safetensors'
-  convert.save(convert.Converted(VIT, backbone, head_cfg, head, np.zeros((1, 32), np.float32)),
+  weights.save(weights.Weights(VIT, backbone, head_cfg, head, np.zeros((1, 32), np.float32)),
                converted)
   config = tiny_config()
   exported = root / 'exported.msgpack'
-  inference.write_export(network_params(models.build(config, teacher=True).backbone),
-                         config.to_dict(), str(exported))
-  return root, converted, exported
+  network = models.build(config, teacher=True)
+  write_msgpack_export(network_params(network.backbone), config.to_dict(), exported)
+  new_export = root / 'exported.safetensors'
+  weights.save(weights.Weights(network.backbone.cfg, network_params(network.backbone),
+                               config=config.to_dict()), new_export)
+  return root, converted, exported, new_export
+
+
+def write_msgpack_export(backbone: dict, saved_config: dict, out) -> None:
+  """A backbone file as `inference export` wrote it before model files became .safetensors."""
+  out.write_bytes(serialization.msgpack_serialize({
+      'format': 'dino_jax.backbone.v1', 'which': 'teacher', 'step': 0,
+      'config': json.dumps(saved_config), 'params': backbone}))
 
 
 def bad_safetensors(good_file, out, edit):
@@ -77,7 +89,7 @@ def bad_safetensors(good_file, out, edit):
 
 def bad_export(good_file, out, edit):
   blob = serialization.msgpack_restore(good_file.read_bytes())
-  flat = convert._flat(blob['params'])  # pylint: disable=protected-access
+  flat = weights.flat(blob['params'])
   edit(flat)
   blob['params'] = unflat(flat)
   out.write_bytes(serialization.msgpack_serialize(blob))
@@ -97,17 +109,17 @@ def refused(load, path, error, *names):
   return msg
 
 
-SAFETENSORS_LOADERS = {'load_model': inference.load_model, 'convert.load': convert.load,
-                       'load_converted': convert.load_converted}
+SAFETENSORS_LOADERS = {'load_model': weights.load_model, 'convert.load': convert.load,
+                       'read_file': weights.read_file}
 
 
 def test_good_files_load_and_run(good):
-  _, converted, exported = good
+  _, converted, exported, new_export = good
   images = np.zeros((1, 16, 16, 3), np.float32)
-  for path in (converted, exported):
-    model, config = inference.load_model(str(path))
+  for path in (converted, exported, new_export):
+    model, config = weights.load_model(str(path))
     assert model(images).cls.shape == (1, 96) and config.model.patch_size == 4
-  c = convert.load_converted(converted)
+  c = weights.read_file(converted)
   assert c.head_config.out_dim == 32 and c.center.shape == (1, 32)
 
 
@@ -123,7 +135,7 @@ def test_converted_safetensors_with_wrong_tensors(good, tmp_path, bad, loader):
 def test_shape_messages_give_both_shapes(good, tmp_path):
   path = tmp_path / 'qkv.safetensors'
   bad_safetensors(good[1], path, BAD['qkv_bias'][0])
-  msg = refused(inference.load_model, path, Mismatch)
+  msg = refused(weights.load_model, path, Mismatch)
   assert msg.endswith("['backbone.blocks.0.attn.qkv.bias'] is (1,), the model has (288,)")
   path = tmp_path / 'missing.safetensors'
   bad_safetensors(good[1], path, BAD['missing'][0])
@@ -139,11 +151,11 @@ def test_converted_head_and_center_are_checked_too(good, tmp_path):
                       ('center', np.zeros((1, 31), np.float32))):
     path = tmp_path / f'{name}.safetensors'
     save_file({**tensors, name: value}, str(path), metadata=meta)
-    refused(convert.load_converted, path, Mismatch, f"'{name}'", '(16, 31)' if 'head' in name
+    refused(weights.read_file, path, Mismatch, f"'{name}'", '(16, 31)' if 'head' in name
             else '(1, 31)')
   path = tmp_path / 'no_head_meta.safetensors'
   save_file(tensors, str(path), metadata={**meta, 'head': 'null'})
-  refused(convert.load_converted, path, Mismatch, 'unexpected tensor', "'head.")
+  refused(weights.read_file, path, Mismatch, 'unexpected tensor', "'head.")
 
 
 @pytest.mark.parametrize('bad', sorted(BAD))
@@ -151,19 +163,27 @@ def test_exported_msgpack_with_wrong_tensors(good, tmp_path, bad):
   edit, tensor, error = BAD[bad]
   path = tmp_path / f'{bad}.msgpack'
   bad_export(good[2], path, edit)
-  refused(inference.load_model, path, error, f"'{tensor}'")
+  refused(weights.load_model, path, error, f"'{tensor}'")
 
 
-@pytest.mark.parametrize('which', ['converted', 'exported'])
+@pytest.mark.parametrize('bad', sorted(BAD))
+def test_exported_safetensors_with_wrong_tensors(good, tmp_path, bad):
+  edit, tensor, error = BAD[bad]
+  path = tmp_path / f'{bad}.safetensors'
+  bad_safetensors(good[3], path, edit)
+  refused(weights.load_model, path, error, f"'backbone.{tensor}'")
+
+
+@pytest.mark.parametrize('which', ['converted', 'exported', 'new_export'])
 def test_truncated_files(good, tmp_path, which):
-  src = good[1] if which == 'converted' else good[2]
+  src = {'converted': good[1], 'exported': good[2], 'new_export': good[3]}[which]
   path = tmp_path / f'cut{src.suffix}'
   data = src.read_bytes()
   for cut in (len(data) // 2, len(data) - 7, 40):
     path.write_bytes(data[:cut])
-    loaders = SAFETENSORS_LOADERS.values() if which == 'converted' else [inference.load_model]
+    loaders = SAFETENSORS_LOADERS.values() if which != 'exported' else [weights.load_model]
     for load in loaders:
-      refused(load, path, inference.ModelFileError)
+      refused(load, path, weights.ModelFileError)
 
 
 def not_dino_jax_files(root):
@@ -242,7 +262,7 @@ def test_a_fifo_named_like_weights_is_refused_unopened(tmp_path):
   def target():
     try:
       convert.load(str(fifo))
-    except inference.ModelFileError as e:
+    except weights.ModelFileError as e:
       errors.append(str(e))
   t = threading.Thread(target=target, daemon=True)
   t.start()
