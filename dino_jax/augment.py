@@ -166,3 +166,26 @@ def multicrop(key, canvas, hw, cfg: AugmentConfig, dtype=jnp.float32):
   g = crops(k_global, canvas, hw, cfg.global_crops, cfg, dtype)
   l = crops(k_local, canvas, hw, cfg.local_crops, cfg, dtype) if cfg.local_crops else None
   return g, l
+
+
+def gram_teacher_crops(key, canvas, hw, cfg: AugmentConfig, size: int, dtype=jnp.float32):
+  """DINOv3's Gram teacher crops (n_global*B, size, size, 3): the same boxes and flips as the
+  global crops `multicrop(key, ...)` draws (the same keys), resized to `size`, normalised, with
+  no colour or blur op (crops.gram_teacher_no_distortions of the official configs)."""
+  k_global, _ = jax.random.split(key)
+  b = canvas.shape[0]
+  canvas = canvas.astype(_resample_dtype(dtype))
+
+  def one(k, c, s, scale):
+    keys = jax.random.split(k, 9)  # as _view: the box from keys[0], the flip from keys[1]
+    box = crop_box(keys[0], s[0], s[1], scale)
+    flip = jax.random.bernoulli(keys[1], cfg.flip_p)
+    img = resized_crop(c, box, size, valid=s, flip=flip, dtype=canvas.dtype) / 255.0
+    return jnp.clip(img, 0.0, 1.0)
+
+  out = []
+  for c, spec in enumerate(cfg.global_crops):
+    keys = jax.random.split(jax.random.fold_in(k_global, c), b)
+    imgs = jax.vmap(lambda k, x, s, scale=spec.scale: one(k, x, s, scale))(keys, canvas, hw)
+    out.append(normalize(imgs, dtype))
+  return jnp.concatenate(out, axis=0)

@@ -90,6 +90,44 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.ibot_weight = 0.0  # iBOT masked-patch loss (DINOv2: 1.0; needs model.mask_token)
   c.loss.mask_probability = 0.5  # fraction of global-crop images that are masked
   c.loss.mask_ratio = (0.1, 0.5)  # stratified range of the masked fraction of a masked image
+  # DINOv3 (dino.reweight_dino_local_loss): the weight of the local-crop DINO pairs (the
+  # global pairs keep 1); 1 with no schedule leaves the DINO term as before. Schedule: () or
+  # (start, peak, warmup_epochs, cosine_epochs): start -> peak linearly, peak -> this weight by
+  # a half cosine, then this weight (dino.local_loss_weight_schedule; 7B Gram stage: 1 -> 0.5
+  # as (1, 1, 1000, 1)).
+  c.loss.dino_local_weight = 1.0
+  c.loss.dino_local_weight_schedule = ()
+
+  # DINOv3's Gram anchoring (official keys in parentheses): MSE between the Gram matrices of
+  # the L2-normalised patch tokens of the student (global crops) and of a frozen Gram teacher.
+  c.gram = ml_collections.ConfigDict()
+  c.gram.weight = 0.0  # final loss weight (gram.loss_weight); 0: off, no Gram teacher at all
+  # () : constant gram.weight; or (start, peak, warmup_epochs, cosine_epochs) as
+  # loss.dino_local_weight_schedule, ending at gram.weight (gram.loss_weight_schedule; the 7B
+  # Gram stage: (0, 0, 1000, 1) to 2.0)
+  c.gram.weight_schedule = ()
+  c.gram.teacher_size = 0  # Gram teacher crop size, same boxes as the global crops, no colour
+  # ops (crops.gram_teacher_crops_size, no_distortions); 0: crops.global_size
+  c.gram.ema_teacher = False  # targets from the EMA teacher's own patch tokens (gram.ema_teacher)
+  # Gram teacher weights (gram.ckpt): a workdir or WORKDIR/checkpoints/<step> (its teacher
+  # backbone) or a converted .safetensors; '': a copy of the EMA teacher the run starts from
+  c.gram.init_from = ''
+  c.gram.load_ema_at = -1  # step at which the EMA teacher is copied in (gram.it_load_ema_teacher)
+  c.gram.rep_update = True  # copy the EMA teacher in every update_every steps (gram.rep_update)
+  c.gram.update_every = 50000  # (gram.update_frequency; 10000 in the 7B Gram stage)
+  c.gram.first_update = 0  # first step that may copy (gram.it_first_update)
+  c.gram.max_updates = 0  # at most this many copies (gram.max_updates; 0: no limit)
+  c.gram.normalized = True  # L2-normalise the patch tokens (gram.normalized)
+  # one Gram matrix per image (gram.img_level, true in every official config using Gram);
+  # False: one over all the global batch's tokens (officially the per-GPU batch's)
+  c.gram.img_level = True
+  c.gram.remove_neg = False  # zero negative similarities of both (gram.remove_neg)
+  c.gram.remove_only_teacher_neg = False  # ... of the teacher only (gram.remove_only_teacher_neg)
+  # the Gram teacher's feature map resized to the student's grid as torch F.interpolate does:
+  # 'bicubic' | 'bilinear' (gram.global_teacher_resize_method), antialiased bicubic when
+  # antialias (gram.global_teacher_resize_antialias)
+  c.gram.resize = 'bicubic'
+  c.gram.antialias = False
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 5e-4  # peak lr at the reference batch, after warmup

@@ -16,8 +16,11 @@ def teacher_probs(teacher_logits: jax.Array, center: jax.Array, teacher_temp) ->
 
 
 def cross_entropy_pairs(student_logits: jax.Array, targets: jax.Array, student_temp,
-                        n_global: int) -> jax.Array:
-  """Mean over (global target i, student view v != i) pairs of batch-mean H(q_i, p_v)."""
+                        n_global: int, local_weight=None) -> jax.Array:
+  """Mean over (global target i, student view v != i) pairs of batch-mean H(q_i, p_v).
+
+  local_weight (DINOv3's dino.reweight_dino_local_loss): the pairs of local views v >= n_global
+  count local_weight times in the sum (the count of pairs stays the plain one)."""
   n_rows, k = targets.shape
   b = n_rows // n_global
   n_crops = student_logits.shape[0] // b
@@ -30,6 +33,8 @@ def cross_entropy_pairs(student_logits: jax.Array, targets: jax.Array, student_t
   # ce[i, v] = batch-mean of -sum_k q_i log p_v
   ce = -jnp.einsum('ibk,vbk->iv', q, logp, precision=jax.lax.Precision.HIGHEST) / b
   not_self = jnp.arange(n_global)[:, None] != jnp.arange(n_crops)[None, :]
+  if local_weight is not None:
+    ce = ce * jnp.where(jnp.arange(n_crops) >= n_global, local_weight, 1.0)[None, :]
   return jnp.sum(jnp.where(not_self, ce, 0.0)) / jnp.sum(not_self)
 
 
@@ -152,3 +157,39 @@ def masked_mean(logits: jax.Array, valid: jax.Array) -> jax.Array:
   """(1, K) mean of the rows where `valid` (f32; 0 when none is)."""
   return (jnp.sum(jnp.where(valid[:, None], logits.astype(jnp.float32), 0.0), axis=0,
                   keepdims=True) / jnp.maximum(jnp.sum(valid), 1))
+
+
+# DINOv3 addition -------------------------------------------------------------------------
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps) over the last axis (torch F.normalize's form)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def gram_loss(student_patches: jax.Array, teacher_patches: jax.Array, *, normalized: bool = True,
+              img_level: bool = True, remove_neg: bool = False,
+              remove_only_teacher_neg: bool = False) -> jax.Array:
+  """DINOv3's Gram anchoring loss: the mean squared difference between the Gram matrices
+  (patch-to-patch inner products) of the student's and the teacher's patch tokens.
+
+  Both inputs (images, N, D). normalized: each token L2-normalised first (cosine
+  similarities). img_level: one N x N Gram matrix per image; otherwise one over all the
+  images' tokens together (the whole global batch here). remove_neg: negative similarities
+  of both set to 0; remove_only_teacher_neg: only the teacher's (what the official code ends
+  up doing: it zeroes the student's entries where the already-zeroed teacher's are negative,
+  i.e. none). The mean runs over every entry of the Gram matrices. float32; the teacher is a
+  target (no gradient)."""
+  s = student_patches.astype(jnp.float32)
+  t = jax.lax.stop_gradient(teacher_patches.astype(jnp.float32))
+  if normalized:
+    s, t = l2_normalize(s), l2_normalize(t)
+  if not img_level:
+    s, t = s.reshape(1, -1, s.shape[-1]), t.reshape(1, -1, t.shape[-1])
+  gram = lambda x: jnp.einsum('bnd,bmd->bnm', x, x, precision=jax.lax.Precision.HIGHEST)
+  gs, gt = gram(s), gram(t)
+  if remove_neg or remove_only_teacher_neg:
+    gt = jnp.where(gt < 0, 0.0, gt)
+  if remove_neg:
+    gs = jnp.where(gs < 0, 0.0, gs)
+  return jnp.mean(jnp.square(gs - gt))

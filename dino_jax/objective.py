@@ -9,9 +9,13 @@ the targets (`Inputs`) and returns (value, statistics); `total` sums weight x va
 terms the config enables (weight > 0) and returns (total, {metric name: value}, statistics).
 
 Terms: DINO's cross-entropy between the teacher's and the student's CLS distributions over
-every (global target, other crop) pair; KoLeo on the student's global CLS tokens (DINOv2);
-iBOT's cross-entropy on the masked patch tokens (DINOv2). A new term is one function here and
-one row of `TERMS` (its weight a field of `Objective`, read from config.loss).
+every (global target, other crop) pair (DINOv3: the local-crop pairs optionally reweighted by
+a scheduled weight); KoLeo on the student's global CLS tokens (DINOv2); iBOT's cross-entropy
+on the masked patch tokens (DINOv2); Gram anchoring (DINOv3): the MSE between the Gram
+matrices of the student's and a frozen Gram teacher's L2-normalised patch tokens on the global
+crops (`gram_targets` resizes the Gram teacher's feature map to the student's grid). A new term
+is one function here and one row of `TERMS` (its weight a field of `Objective`, read from the
+config); a weight that follows a schedule comes per step in `Inputs.weights`.
 """
 from __future__ import annotations
 
@@ -20,9 +24,40 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dino_jax import losses, masking, prototype_loss
+from dino_jax.models.pos_embed import torch_bicubic_aa_matrix, torch_bicubic_matrix
 from dino_jax.models.vit import ViTOutput
+
+
+GRAM_RESIZES = ('bicubic', 'bilinear')
+
+
+@dataclasses.dataclass(frozen=True)
+class GramSpec:
+  """DINOv3's Gram anchoring term, from config.gram (official keys in parentheses)."""
+  weight: float = 1.0  # the final weight (gram.loss_weight / loss_weight_schedule.end)
+  normalized: bool = True  # L2-normalise the patch tokens first (gram.normalized)
+  img_level: bool = True  # one Gram matrix per image, else over the batch (gram.img_level)
+  remove_neg: bool = False  # (gram.remove_neg)
+  remove_only_teacher_neg: bool = False  # (gram.remove_only_teacher_neg)
+  ema_teacher: bool = False  # the EMA teacher's patch tokens are the targets (gram.ema_teacher)
+  teacher_size: int = 0  # the Gram teacher's crop size (crops.gram_teacher_crops_size)
+  resize: str = 'bicubic'  # (gram.global_teacher_resize_method)
+  antialias: bool = False  # (gram.global_teacher_resize_antialias)
+  patch_size: int = 16
+
+  @classmethod
+  def from_config(cls, config) -> 'GramSpec | None':
+    g = config.get('gram')
+    if g is None or g.weight <= 0:
+      return None
+    return cls(weight=g.weight, normalized=g.normalized, img_level=g.img_level,
+               remove_neg=g.remove_neg, remove_only_teacher_neg=g.remove_only_teacher_neg,
+               ema_teacher=g.ema_teacher,
+               teacher_size=g.teacher_size or config.crops.global_size, resize=g.resize,
+               antialias=g.antialias, patch_size=config.model.patch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +69,10 @@ class Objective:
   ibot_weight: float = 0.0
   mask: masking.MaskSpec | None = None  # needed when ibot_weight > 0
   prototype_chunk: int = 0  # prototypes per chunk of the head's last layer and loss; 0: all
+  gram: GramSpec | None = None  # DINOv3's Gram anchoring (None: off, no Gram teacher)
+  # DINOv3's dino.reweight_dino_local_loss: the local-crop DINO pairs weighted by
+  # Inputs.weights['dino_local'] (a schedule of the step)
+  dino_local_reweight: bool = False
 
   @classmethod
   def from_config(cls, config) -> 'Objective':
@@ -43,7 +82,9 @@ class Objective:
                koleo_weight=l.koleo_weight, ibot_weight=l.ibot_weight,
                mask=masking.MaskSpec((grid, grid), probability=l.mask_probability,
                                      ratio=tuple(l.mask_ratio)),
-               prototype_chunk=l.prototype_chunk)
+               prototype_chunk=l.prototype_chunk, gram=GramSpec.from_config(config),
+               dino_local_reweight=(l.get('dino_local_weight', 1.0) != 1 or
+                                    bool(tuple(l.get('dino_local_weight_schedule', ())))))
 
   @property
   def terms(self) -> tuple['Term', ...]:
@@ -54,6 +95,11 @@ class Objective:
   def ibot(self) -> bool:
     """Whether the student sees masked global crops and the patch head is trained."""
     return self.ibot_weight > 0
+
+  @property
+  def gram_teacher(self) -> bool:
+    """Whether the run carries a Gram teacher (its own parameters in the TrainState)."""
+    return self.gram is not None and not self.gram.ema_teacher
 
 
 # The teacher's side ------------------------------------------------------------------------
@@ -123,6 +169,39 @@ def teacher_targets(spec: Objective, teacher, out: ViTOutput, center, patch_cent
   return Targets(cls_t, patch_t)
 
 
+def _resize_matrix(spec: GramSpec, n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) matrix of torch F.interpolate(size=n_out, align_corners=False) along one
+  axis: bicubic (A = -0.75, border clamp; antialiased: PIL's widened A = -0.5 kernel) or
+  bilinear (source index clamped at 0, as torch does for linear modes)."""
+  if spec.resize == 'bicubic':
+    matrix = torch_bicubic_aa_matrix if spec.antialias else torch_bicubic_matrix
+    return matrix(n_in, n_out, n_out / n_in)
+  m = np.zeros((n_out, n_in), np.float64)
+  for dst in range(n_out):
+    src = max((dst + 0.5) * n_in / n_out - 0.5, 0.0)
+    i0 = min(int(np.floor(src)), n_in - 1)
+    i1 = min(i0 + 1, n_in - 1)
+    frac = src - i0
+    m[dst, i0] += 1 - frac
+    m[dst, i1] += frac
+  return m
+
+
+def gram_targets(spec: GramSpec, patches: jax.Array, grid: int) -> jax.Array:
+  """The Gram teacher's patch tokens (images, n * n, D) on the student's grid x grid (f32, no
+  gradient): its square feature map resized as the official code does when n != grid."""
+  patches = jax.lax.stop_gradient(patches).astype(jnp.float32)
+  n = int(round(patches.shape[1] ** 0.5))
+  if n * n != patches.shape[1]:
+    raise ValueError(f'the Gram teacher gave {patches.shape[1]} patch tokens, not a square grid')
+  if n == grid:
+    return patches
+  m = jnp.asarray(_resize_matrix(spec, n, grid), jnp.float32)
+  fmap = patches.reshape(patches.shape[0], n, n, patches.shape[-1])
+  out = jnp.einsum('yi,xj,bijd->byxd', m, m, fmap, precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(patches.shape[0], grid * grid, patches.shape[-1])
+
+
 # The student's side: the terms ----------------------------------------------------------
 
 
@@ -136,6 +215,9 @@ class Inputs(NamedTuple):
   masked: Masked | None  # the masked tokens (iBOT)
   n_global: int
   student_temp: float
+  gram_patches: jax.Array | None = None  # (n_global * B, N, D) Gram targets (`gram_targets`)
+  weights: dict | None = None  # {term name: this step's weight} for scheduled weights;
+  #                              'dino_local': the local-crop DINO pairs' weight
 
 
 def dino(spec: Objective, x: Inputs) -> tuple[jax.Array, dict]:
@@ -143,15 +225,19 @@ def dino(spec: Objective, x: Inputs) -> tuple[jax.Array, dict]:
   H(q_i, softmax(s_v / temp)); stats kl, student_entropy over the global crops."""
   t, head = x.targets.dino, x.student.head
   b = x.global_out.cls.shape[0] // x.n_global
+  local_weight = x.weights['dino_local'] if spec.dino_local_reweight else None
   if spec.prototype_chunk:
     n_crops = x.cls.shape[0] // b
+    coef = prototype_loss.dino_pairs(x.n_global, n_crops, b)
+    if local_weight is not None:
+      coef = coef * jnp.where(jnp.arange(n_crops) >= x.n_global, local_weight,
+                              1.0)[None, :, None]
     value, aux = prototype_loss.cross_entropy(
-        head.features(x.cls), head.last_layer.weight(), t.q,
-        prototype_loss.dino_pairs(x.n_global, n_crops, b), x.student_temp)
+        head.features(x.cls), head.last_layer.weight(), t.q, coef, x.student_temp)
     return value, {'kl': -t.stats['teacher_entropy'] - aux['cross_self'],
                    'student_entropy': aux['student_entropy']}
   s_logits = head(x.cls).astype(jnp.float32)
-  value = losses.cross_entropy_pairs(s_logits, t.q, x.student_temp, x.n_global)
+  value = losses.cross_entropy_pairs(s_logits, t.q, x.student_temp, x.n_global, local_weight)
   stats = losses.distill_stats(s_logits, t.q, x.student_temp, x.n_global)
   del stats['teacher_entropy']  # from the teacher pass, the same number
   return value, stats
@@ -181,6 +267,16 @@ def ibot(spec: Objective, x: Inputs) -> tuple[jax.Array, dict]:
                                 n_images), {}
 
 
+def gram(spec: Objective, x: Inputs) -> tuple[jax.Array, dict]:
+  """Gram anchoring: `losses.gram_loss` between the student's patch tokens on the global crops
+  (masked as the student saw them, after the final norm, before any head) and the Gram
+  targets."""
+  g = spec.gram
+  return losses.gram_loss(x.global_out.patches, x.gram_patches, normalized=g.normalized,
+                          img_level=g.img_level, remove_neg=g.remove_neg,
+                          remove_only_teacher_neg=g.remove_only_teacher_neg), {}
+
+
 class Term(NamedTuple):
   """One term: its metric name, its weight in the spec (0: off), its function."""
   name: str
@@ -192,16 +288,19 @@ TERMS = (  # summed in this order; DINO's weight is 1, the others' are relative 
     Term('dino_loss', lambda spec: 1.0, dino),
     Term('koleo', lambda spec: spec.koleo_weight, koleo),
     Term('ibot_loss', lambda spec: spec.ibot_weight, ibot),
+    Term('gram_loss', lambda spec: spec.gram.weight if spec.gram is not None else 0.0, gram),
 )
 
 
 def total(spec: Objective, x: Inputs) -> tuple[jax.Array, dict, dict]:
-  """(sum of weight x value over spec.terms, {name: value}, the terms' statistics)."""
+  """(sum of weight x value over spec.terms, {name: value}, the terms' statistics); a term's
+  weight is x.weights[name] where the step gives one (a schedule), else its spec weight."""
   values, stats, loss = {}, {}, None
+  scheduled = x.weights or {}
   for term in spec.terms:
     value, term_stats = term.value(spec, x)
     values[term.name] = value
     stats.update(term_stats)
-    weighted = term.weight(spec) * value
+    weighted = scheduled.get(term.name, term.weight(spec)) * value
     loss = weighted if loss is None else loss + weighted
   return loss, values, stats

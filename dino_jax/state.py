@@ -20,15 +20,26 @@ class TrainState:
   rng: jax.Array  # base key; step keys are fold_in(rng, step)
 
 
+@struct.dataclass
+class GramTrainState(TrainState):
+  """The TrainState of a run with DINOv3's Gram anchoring: also the frozen Gram teacher's
+  backbone (a run without it keeps the plain TrainState, its checkpoints unchanged)."""
+  gram_params: Any  # Gram teacher backbone params (the teacher's 'backbone' structure)
+
+
 def pure_params(module: nnx.Module) -> dict:
   """The module's nnx.Param leaves as a plain nested dict of arrays."""
   return nnx.state(module, nnx.Param).to_pure_dict()
 
 
 def create(student: nnx.Module, tx: optax.GradientTransformation, out_dim: int,
-           rng: jax.Array, patch_out_dim: int | None = None) -> TrainState:
+           rng: jax.Array, patch_out_dim: int | None = None,
+           gram_teacher: bool = False) -> TrainState:
+  """A fresh state: the teacher an exact copy of the student; with gram_teacher, a
+  GramTrainState whose Gram teacher is one more copy of the backbone (train.py replaces it
+  with config.gram.init_from's weights, or the EMA teacher the run starts from)."""
   params = pure_params(student)
-  return TrainState(
+  fields = dict(
       step=jnp.zeros([], jnp.int32),
       params=params,
       teacher_params=jax.tree.map(jnp.copy, params),
@@ -36,3 +47,6 @@ def create(student: nnx.Module, tx: optax.GradientTransformation, out_dim: int,
       center=jnp.zeros((1, out_dim), jnp.float32),
       patch_center=jnp.zeros((1, patch_out_dim or out_dim), jnp.float32),
       rng=rng)
+  if gram_teacher:
+    return GramTrainState(**fields, gram_params=jax.tree.map(jnp.copy, params['backbone']))
+  return TrainState(**fields)

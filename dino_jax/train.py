@@ -61,18 +61,19 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   student_def, abstract_params = nnx.split(nnx.eval_shape(lambda: models.build(config)))
   teacher_def, _ = nnx.split(nnx.eval_shape(lambda: models.build(config, teacher=True)))
   tx = optim.make(config, schedules, abstract_params.to_pure_dict())
+  loss = objective.Objective.from_config(config)
 
   def init_fn():
     student = models.build(config, seed=config.seed)
     return state_lib.create(student, tx, config.model.out_dim,
-                            jax.random.PRNGKey(config.seed + 1), models.patch_out_dim(config))
+                            jax.random.PRNGKey(config.seed + 1), models.patch_out_dim(config),
+                            gram_teacher=loss.gram_teacher)
 
   state_shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_fn),
                                             config.mesh.min_shard_size)
   step = train_step_lib.make(student_def, teacher_def, tx, schedules,
                              augment.AugmentConfig.from_config(config), dtype=dtype,
-                             loss=objective.Objective.from_config(config),
-                             crop_sharding=sharding.batch_sharding(mesh))
+                             loss=loss, crop_sharding=sharding.batch_sharding(mesh))
   step_fn = train_step_lib.jit(step, state_shardings, sharding.batch_sharding(mesh),
                                sharding.replicated(mesh))
   feature_fn = features_lib.make_feature_fn(teacher_def, size=config.crops.global_size,
@@ -161,7 +162,35 @@ def _start_state(run: Run, workdir: str, mngr):
     state = state.replace(**params)
     print(f'dino_jax: initialised student and teacher from {config.init_from} (step {step})',
           flush=True)
+  if isinstance(state, state_lib.GramTrainState):
+    state = _init_gram_teacher(state, config.gram.init_from)
   return state, None, mngr
+
+
+def _init_gram_teacher(state, path: str):
+  """DINOv3's Gram teacher of a fresh run: the teacher backbone of `path` (config.gram.init_from:
+  a workdir, WORKDIR/checkpoints/<step>, or a .safetensors from `python -m dino_jax.convert
+  import`), or else a copy of the EMA teacher this run starts from."""
+  if not path:
+    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t),
+                   out_shardings=jax.tree.map(lambda x: x.sharding, state.gram_params))
+    return state.replace(gram_params=copy(state.teacher_params['backbone']))
+  if path.endswith('.safetensors'):
+    from dino_jax import convert  # pylint: disable=import-outside-toplevel
+    new = convert.load_converted(path).backbone
+    checkpointing.check_fits(new, state.gram_params, f'config.gram.init_from: the backbone in '
+                                                     f'{path} (set model.* to match)')
+    gram = jax.tree.map(lambda a, b: jax.device_put(np.asarray(b, a.dtype), a.sharding),
+                        state.gram_params, new)
+    where = path
+  else:
+    parts, step = checkpointing.restore_parts(
+        path, {'teacher_params': {'backbone': checkpointing.abstract_with_shardings(
+            state.gram_params)}})
+    gram = parts['teacher_params']['backbone']
+    where = f'{path} (step {step})'
+  print(f'dino_jax: Gram teacher from {where}', flush=True)
+  return state.replace(gram_params=gram)
 
 
 def _init_from_converted(state, path: str):

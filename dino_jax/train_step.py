@@ -6,7 +6,14 @@ crops; the teacher on the global crops and its targets (objective.teacher_target
 and patch targets at the masked positions); the student on every crop (DINO.backbone_crops:
 masked global crops; with model.pack_crops all crops as one packed token matrix, else one
 backbone pass per resolution); the objective's terms summed (objective.py: DINO, + KoLeo,
-+ iBOT); the optimizer update; the teacher EMA and the center EMAs.
++ iBOT, + Gram); the optimizer update; the teacher EMA and the center EMAs.
+
+DINOv3's Gram anchoring (loss.gram): the Gram teacher (state.gram_params, a frozen backbone)
+runs on the global crops' boxes at its own resolution (augment.gram_teacher_crops), its
+patch tokens resized to the student's grid are the Gram targets (or, with gram.ema_teacher,
+the EMA teacher's own patch tokens are); at the end of the update, on the steps
+schedules.gram_refresh names, the new EMA teacher's backbone is copied into the Gram teacher.
+Scheduled loss weights (schedules.loss_weights) reach the objective as Inputs.weights.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ def make(student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.Gradien
   """
   n_global = len(aug.global_crops)
   ibot = loss.ibot
+  grid = aug.global_crops[0].size // loss.gram.patch_size if loss.gram is not None else 0
   constrain = ((lambda x: jax.lax.with_sharding_constraint(x, crop_sharding))
                if crop_sharding is not None else (lambda x: x))
 
@@ -54,13 +62,26 @@ def make(student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.Gradien
     t_out = teacher.backbone(global_crops)
     targets = objective.teacher_targets(loss, teacher, t_out, state.center, state.patch_center,
                                         temp, masked)
+    gram_patches = None
+    if loss.gram is not None:
+      if loss.gram.ema_teacher:
+        gram_patches = objective.gram_targets(loss.gram, t_out.patches, grid)
+      else:
+        gram_crops = constrain(augment.gram_teacher_crops(
+            k_aug, batch['image'], batch['hw'], aug, loss.gram.teacher_size, dtype))
+        gram_teacher = nnx.merge(teacher_def, {**state.teacher_params,
+                                               'backbone': state.gram_params})
+        gram_patches = objective.gram_targets(
+            loss.gram, gram_teacher.backbone(gram_crops).patches, grid)
+    weights = schedules.loss_weights(state.step) or None
 
     def loss_fn(params):
       student = nnx.merge(student_def, params)
       g_out, cls = student.backbone_crops(global_crops, local_crops, k_drop, masks=masks,
                                           sharding=crop_sharding)
       total, terms, stats = objective.total(
-          loss, objective.Inputs(student, g_out, cls, targets, masked, n_global, s_temp))
+          loss, objective.Inputs(student, g_out, cls, targets, masked, n_global, s_temp,
+                                 gram_patches, weights))
       return total, (terms, stats)
 
     (total, (terms, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -85,6 +106,11 @@ def make(student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.Gradien
                'center_norm': jnp.sqrt(jnp.mean(jnp.square(state.center)))}
     new_state = state.replace(step=state.step + 1, params=params, teacher_params=teacher_params,
                               opt_state=opt_state, center=center, patch_center=patch_center)
+    if loss.gram_teacher:  # the copy EMA teacher -> Gram teacher, on the steps it is due
+      refresh = schedules.gram_refresh(state.step + 1)
+      new_state = new_state.replace(gram_params=jax.tree.map(
+          lambda g, t: jnp.where(refresh, t, g), state.gram_params, teacher_params['backbone']))
+      metrics['gram_refreshed'] = refresh.astype(jnp.float32)
     return new_state, metrics
 
   return step

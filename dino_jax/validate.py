@@ -6,6 +6,7 @@ import os
 from dino_jax import evaluators, paths, sharding
 from dino_jax.data import sources
 from dino_jax.errors import DinoJaxError
+from dino_jax.objective import GRAM_RESIZES
 from dino_jax.schedules import LR_SCALING, SCHEDULES
 from dino_jax.models import FFNS, PATCH_SIZES, REMAT_POLICIES, VARIANTS, patch_out_dim
 from dino_jax.models.stem import STEMS
@@ -137,6 +138,7 @@ def validate(config, n_devices: int | None = None) -> None:
          'init_from', f'{config.init_from!r} is neither a directory (a workdir or '
          f'WORKDIR/checkpoints/<step>, local or gs://) nor a local .safetensors file from '
          f'dino_jax.convert')
+  _validate_dinov3(config)
   w = config.watchdog
   _check(0 < w.margin < 0.5, 'watchdog.margin', f'must be in (0, 0.5), got {w.margin}')
   _check(0 < w.low_margin < 0.5, 'watchdog.low_margin',
@@ -150,3 +152,45 @@ def validate(config, n_devices: int | None = None) -> None:
   _check(k.temperature > 0, 'knn.temperature', f'must be positive, got {k.temperature}')
   _check(k.max_train >= 0, 'knn.max_train', f'must be >= 0 (0: all), got {k.max_train}')
   _check(k.batch_size > 0, 'knn.batch_size', f'must be positive, got {k.batch_size}')
+
+
+def _weight_schedule(schedule, field: str) -> None:
+  _check(len(schedule) in (0, 4), field, f'{tuple(schedule)} is neither () nor (start, peak, '
+         f'warmup_epochs, cosine_epochs)')
+  if schedule:
+    _check(all(v >= 0 for v in schedule), field, f'{tuple(schedule)} has a negative entry')
+
+
+def _validate_dinov3(config) -> None:
+  """The DINOv3 fields: the local-crop DINO weight and Gram anchoring (config.gram)."""
+  l, g = config.loss, config.gram
+  _check(l.dino_local_weight >= 0, 'loss.dino_local_weight',
+         f'must be >= 0, got {l.dino_local_weight}')
+  _weight_schedule(l.dino_local_weight_schedule, 'loss.dino_local_weight_schedule')
+  _check(g.weight >= 0, 'gram.weight', f'must be >= 0 (0: off), got {g.weight}')
+  _weight_schedule(g.weight_schedule, 'gram.weight_schedule')
+  size, patch = g.teacher_size, config.model.patch_size
+  _check(size >= 0 and size % patch == 0, 'gram.teacher_size',
+         f'{size} is not 0 (crops.global_size) or a positive multiple of model.patch_size={patch}')
+  _check(not g.ema_teacher or size in (0, config.crops.global_size), 'gram.teacher_size',
+         f'{size}: with gram.ema_teacher the targets are the EMA teacher\'s own global crops '
+         f'(set 0)')
+  _check(not (g.ema_teacher and g.init_from), 'gram.init_from',
+         'with gram.ema_teacher there is no Gram teacher to load (set one of the two)')
+  remote = paths.is_remote(g.init_from) and not g.init_from.endswith('.safetensors')
+  _check(not g.init_from or remote or os.path.isdir(g.init_from) or
+         (g.init_from.endswith('.safetensors') and os.path.isfile(g.init_from)),
+         'gram.init_from', f'{g.init_from!r} is neither a directory (a workdir or '
+         f'WORKDIR/checkpoints/<step>, local or gs://) nor a local .safetensors file from '
+         f'dino_jax.convert')
+  _check(g.load_ema_at >= -1, 'gram.load_ema_at', f'must be a step or -1 (never), got '
+         f'{g.load_ema_at}')
+  _check(g.update_every > 0, 'gram.update_every', f'must be positive, got {g.update_every}')
+  _check(g.first_update >= 0, 'gram.first_update', f'must be >= 0, got {g.first_update}')
+  _check(g.max_updates >= 0, 'gram.max_updates', f'must be >= 0 (0: no limit), got '
+         f'{g.max_updates}')
+  _check(not (g.remove_neg and g.remove_only_teacher_neg), 'gram.remove_only_teacher_neg',
+         'set at most one of gram.remove_neg and gram.remove_only_teacher_neg')
+  _check(g.resize in GRAM_RESIZES, 'gram.resize', f'{g.resize!r} is not one of {GRAM_RESIZES}')
+  _check(not g.antialias or g.resize == 'bicubic', 'gram.antialias',
+         "antialiased resizing is implemented for gram.resize='bicubic' only")
