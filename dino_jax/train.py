@@ -169,15 +169,16 @@ def _start_state(run: Run, workdir: str, mngr):
 
 def _init_gram_teacher(state, path: str):
   """DINOv3's Gram teacher of a fresh run: the teacher backbone of `path` (config.gram.init_from:
-  a workdir, WORKDIR/checkpoints/<step>, or a .safetensors from `python -m dino_jax.convert
-  import`), or else a copy of the EMA teacher this run starts from."""
+  a workdir, WORKDIR/checkpoints/<step>, or a model file of dino_jax/weights.py, e.g. a
+  .safetensors from `python -m dino_jax.convert import`), or else a copy of the EMA teacher
+  this run starts from."""
   if not path:
     copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t),
                    out_shardings=jax.tree.map(lambda x: x.sharding, state.gram_params))
     return state.replace(gram_params=copy(state.teacher_params['backbone']))
   if path.endswith('.safetensors'):
-    from dino_jax import convert  # pylint: disable=import-outside-toplevel
-    new = convert.load_converted(path).backbone
+    from dino_jax import weights  # pylint: disable=import-outside-toplevel
+    new = weights.read_file(path).backbone
     checkpointing.check_fits(new, state.gram_params, f'config.gram.init_from: the backbone in '
                                                      f'{path} (set model.* to match)')
     gram = jax.tree.map(lambda a, b: jax.device_put(np.asarray(b, a.dtype), a.sharding),

@@ -370,3 +370,9 @@ def test_resume_across_a_gram_refresh_is_exact(tmp_path, digits_npz):
   assert refreshed == [3, 5, 6]
   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # gram.init_from: a fresh run's Gram teacher is that workdir's newest teacher backbone
+  run = train.build(config, sharding.make_mesh(-1, 1, jax.devices()[:1]))
+  fresh = train._init_gram_teacher(train.init_state(run), str(tmp_path))  # pylint: disable=protected-access
+  for a, b in zip(jax.tree.leaves(fresh.gram_params),
+                  jax.tree.leaves(full.teacher_params['backbone'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
