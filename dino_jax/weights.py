@@ -3,18 +3,13 @@
     model, config = dino_jax.load_model('/path/to/workdir')          # teacher ViT, newest step
     model, config = dino_jax.load_model('teacher.safetensors')       # an exported file
 
-Sources: a training workdir or WORKDIR/checkpoints/<step> (read through checkpointing, the only
-orbax user), and our single-file format. That format is .safetensors: the tensors under their
-Flax parameter paths ('backbone.*', and 'head.*' and 'center' when present) and as metadata the
-architecture (the ViTConfig, the head's sizes) plus, for weights of a training run, the run's
-config as JSON. `python -m dino_jax.inference export` (a run's backbone) and
-`python -m dino_jax.convert import` (official weights) both write it; files of older versions
-(msgpack from `inference export`, 'dino_jax.convert/1' .safetensors) are still read.
-
-The architecture of a run comes from `models.vit_config` / `models.build` only. Every tensor of
-a file is checked against the architecture before use (CheckpointMismatchError naming the file
-and the tensor); a file that cannot be read raises ModelFileError naming the file. Files are
-only read.
+Sources: a workdir or WORKDIR/checkpoints/<step> (through checkpointing, the only orbax user)
+and our one file format: .safetensors, tensors under Flax paths ('backbone.*', 'head.*',
+'center'), as metadata the architecture (ViTConfig, head sizes) and a run's config (JSON).
+`inference export` and `convert import` write it; older msgpack exports are still read.
+A run's architecture comes from `models.vit_config` / `models.build` only. Every tensor is
+checked before use (CheckpointMismatchError naming file and tensor); an unreadable file raises
+ModelFileError naming it. Files are only read.
 """
 from __future__ import annotations
 
@@ -267,6 +262,8 @@ def load_model(path: str, which: str = 'teacher', step: int | None = None, *,
       raise ValueError(f'{path} is an exported backbone: it has no head')
     w = read_file(path)
     config = config_of(w)
+    if w.config is None:  # official weights: the config says the dtype they are loaded in
+      config.dtype = str(jnp.dtype(dtype or config.dtype))
     return build_backbone(w, jnp.dtype(dtype or config.dtype)), config
   saved, step = checkpointing.read_config(path, step)
   config = config_file.from_saved(saved)
@@ -387,11 +384,7 @@ def read_file(path: str | os.PathLike) -> Weights:
 def _read_msgpack(path: str) -> Weights:
   """A backbone file written by `inference export` before it wrote .safetensors."""
   try:
-    data = paths.read_bytes(path)
-  except OSError as e:
-    raise ModelFileError(f'{path}: cannot read it ({e.strerror or e})') from None
-  try:
-    blob = serialization.msgpack_restore(data)
+    blob = serialization.msgpack_restore(paths.read_bytes(path))
   except Exception as e:  # pylint: disable=broad-except
     raise ModelFileError(f'{path} is not a dino_jax export file (not msgpack, or truncated: '
                          f'{error_line(e)})') from None
