@@ -314,10 +314,6 @@ def _convert(obj, key: str, with_head: bool, vit_overrides: dict) -> Weights:
   return Weights(vit, backbone, hcfg, head, center, ignored)
 
 
-# Moved to weights.read_file; kept only until train._init_gram_teacher (being written) calls it.
-load_converted = weights.read_file
-
-
 def load(path: str | os.PathLike, dtype=np.float32) -> ViT:
   """A Flax ViT from one of our model files or directly from an official checkpoint."""
   w = weights.read_file(path) if weights.is_model_file(path) else convert(path)
