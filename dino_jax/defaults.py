@@ -26,7 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.epoch_length = 0  # steps per "epoch" for every schedule (0: one pass; DINOv2: 1250)
 
   c.model = ml_collections.ConfigDict()
-  c.model.arch = 'vit_small'  # vit_pico | vit_tiny | vit_small | vit_base | vit_large | vit_giant2
+  # vit_pico | vit_tiny | vit_small | vit_base | vit_large | vit_giant2; DINOv3 (ffn='swiglu'):
+  # vit_small_plus | vit_large_plus | vit_huge_plus | vit_7b
+  c.model.arch = 'vit_small'
   c.model.patch_size = 16  # 4 | 8 | 14 | 16; crop sizes must be multiples of it
   c.model.stem = 'patch'  # patch embedding: 'patch' (official) | 'conv' (3x3 stride-2 convs)
   c.model.drop_path_rate = 0.1  # student stochastic depth (teacher: 0)
@@ -38,6 +40,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.mask_token = False  # learned token for masked patches (iBOT / DINOv2 masking)
   c.model.interpolate_offset = 0.1  # pos-embed resize scale (n + offset)/S; 0: exact size
   c.model.interpolate_antialias = False  # antialiased bicubic pos-embed resize (v2 reg models)
+  # DINOv3 backbone options (official student.* keys in parentheses; these defaults are off):
+  c.model.pos_embed = 'learned'  # 'learned' | 'rope': axial RoPE, no pos-embed (pos_embed_type)
+  c.model.rope_base = 100.0  # RoPE periods base ** (4j / head_dim) (pos_embed_rope_base)
+  c.model.rope_min_period = 0.0  # both > 0: periods geometric from min to max instead of base
+  c.model.rope_max_period = 0.0  # (pos_embed_rope_min_period, pos_embed_rope_max_period)
+  c.model.rope_normalize = 'separate'  # coords / each axis | 'max' | 'min' (..._normalize_coords)
+  c.model.rope_shift = 0.0  # training: coords + U[-s, s] per axis; 0: off (..._shift_coords)
+  c.model.rope_jitter = 0.0  # training: * exp(U[-ln j, ln j]) per axis; 0: off (..._jitter_coords)
+  c.model.rope_rescale = 0.0  # training: * exp(U[-ln r, ln r]); 0: off; v3: 2 (..._rescale_coords)
+  c.model.untie_cls_and_patch_norms = False  # CLS + registers get their own final norm
+  c.model.untie_global_and_local_cls_norm = False  # local crops' CLS + registers: own norm (7B)
+  c.model.mask_k_bias = False  # no bias on keys: k third of the qkv bias masked (v3: True)
+  c.model.qkv_bias = True  # (v3 7B: False)
+  c.model.ln_eps = 1e-6  # LayerNorm eps (v3 norm_layer 'layernormbf16': 1e-5)
+  c.model.register_init_std = 1e-6  # register init N(0, std) (v3 storage tokens: 0.02)
   # What each block keeps for the backward pass: 'none' (everything) | 'block' (only its input:
   # least memory, ~1/3 more compute) | 'dots' (the qkv/proj/MLP products; recomputes attention,
   # norms and GELU). Typed object so that saved configs' True/False still load (aliases of

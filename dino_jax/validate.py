@@ -9,7 +9,9 @@ from dino_jax.errors import DinoJaxError
 from dino_jax.objective import GRAM_RESIZES
 from dino_jax.schedules import LR_SCALING, SCHEDULES
 from dino_jax.models import FFNS, PATCH_SIZES, REMAT_POLICIES, VARIANTS, patch_out_dim
+from dino_jax.models.rope import NORMALIZE
 from dino_jax.models.stem import STEMS
+from dino_jax.models.vit import POS_EMBEDS, VARIANT_FFNS
 
 
 class ConfigError(DinoJaxError, ValueError):
@@ -68,6 +70,26 @@ def validate(config, n_devices: int | None = None) -> None:
   _check(m.stem != 'conv' or m.patch_size & (m.patch_size - 1) == 0, 'model.stem',
          f"'conv' needs a power-of-two model.patch_size, got {m.patch_size}")
   _check(m.n_registers >= 0, 'model.n_registers', f'must be >= 0, got {m.n_registers}')
+  _check(m.arch not in VARIANT_FFNS or m.ffn == VARIANT_FFNS[m.arch][0], 'model.ffn',
+         f'{m.arch} has a SwiGLU FFN (DINOv3); set model.ffn={VARIANT_FFNS[m.arch][0]!r}'
+         if m.arch in VARIANT_FFNS else '')
+  _check(m.pos_embed in POS_EMBEDS, 'model.pos_embed',
+         f'{m.pos_embed!r} is not one of {POS_EMBEDS}')
+  head_dim = VARIANTS[m.arch][0] // VARIANTS[m.arch][2]
+  _check(m.pos_embed != 'rope' or head_dim % 4 == 0, 'model.pos_embed',
+         f'RoPE needs a head dimension divisible by 4, {m.arch} has {head_dim}')
+  _check(m.rope_normalize in NORMALIZE, 'model.rope_normalize',
+         f'{m.rope_normalize!r} is not one of {NORMALIZE}')
+  _check(m.rope_base > 0, 'model.rope_base', f'must be positive, got {m.rope_base}')
+  _check((m.rope_min_period, m.rope_max_period) == (0, 0) or
+         0 < m.rope_min_period <= m.rope_max_period, 'model.rope_min_period',
+         'rope_min_period and rope_max_period must both be 0 (use rope_base) or 0 < min <= max')
+  _check(m.rope_shift >= 0, 'model.rope_shift', f'must be >= 0 (0: off), got {m.rope_shift}')
+  for field in ('rope_jitter', 'rope_rescale'):
+    _check(m[field] == 0 or m[field] >= 1, f'model.{field}',
+           f'must be 0 (off) or >= 1 (factors in [1/x, x]), got {m[field]}')
+  _check(m.ln_eps > 0, 'model.ln_eps', f'must be positive, got {m.ln_eps}')
+  _check(m.register_init_std >= 0, 'model.register_init_std', 'must be >= 0')
   _check(m.layerscale >= 0, 'model.layerscale', f'must be >= 0 (0: off), got {m.layerscale}')
   _check(m.interpolate_offset >= 0, 'model.interpolate_offset', 'must be >= 0')
   _check(isinstance(m.remat, bool) or m.remat in REMAT_POLICIES, 'model.remat',

@@ -49,10 +49,12 @@ class DINO(nnx.Module):
     all crops, crop-major: global rows then local rows).
 
     global_crops (n_global * B, H, W, 3), local_crops (n_local * B, h, w, 3) or None; key:
-    drop-path randomness (one key per crop size is split from it); masks: the global crops'
-    (n_global * B, N) iBOT masks or None. With ViTConfig.pack_crops all crops run as one
-    packed token matrix, packed per batch shard of `sharding` (the crops' batch sharding;
-    one shard when the row counts do not divide), else one backbone pass per crop size.
+    drop-path and RoPE-augmentation randomness (one key per crop size is split from it);
+    masks: the global crops' (n_global * B, N) iBOT masks or None. The local crops pass as
+    local (their own CLS norm where the backbone unties it). With ViTConfig.pack_crops all
+    crops run as one packed token matrix, packed per batch shard of `sharding` (the crops'
+    batch sharding; one shard when the row counts do not divide), else one backbone pass per
+    crop size.
     """
     k_g, k_l = jax.random.split(key)
     if local_crops is None:
@@ -63,10 +65,11 @@ class DINO(nnx.Module):
       shards = _batch_shards(sharding, sum(rows))
       shards = shards if all(r % shards == 0 for r in rows) else 1
       g_out, l_out = self.backbone.packed([global_crops, local_crops], keys=[k_g, k_l],
-                                          masks=[masks, None], shards=shards)
+                                          masks=[masks, None], shards=shards,
+                                          local=[False, True])
     else:
       g_out = self.backbone(global_crops, key=k_g, masks=masks)
-      l_out = self.backbone(local_crops, key=k_l)
+      l_out = self.backbone(local_crops, key=k_l, local=True)
     return g_out, jnp.concatenate([g_out.cls, l_out.cls], axis=0)
 
 
@@ -86,7 +89,14 @@ def vit_config(config, *, teacher: bool = False) -> ViTConfig:
       drop_path_uniform=m.drop_path_uniform, layerscale=m.layerscale,
       n_registers=m.n_registers, ffn=m.ffn, mask_token=m.mask_token,
       interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias,
-      remat=m.remat, pack_crops=m.pack_crops, stem=m.stem)
+      remat=m.remat, pack_crops=m.pack_crops, stem=m.stem,
+      pos_embed=m.pos_embed, rope_base=m.rope_base, rope_min_period=m.rope_min_period,
+      rope_max_period=m.rope_max_period, rope_normalize=m.rope_normalize,
+      rope_shift=m.rope_shift, rope_jitter=m.rope_jitter, rope_rescale=m.rope_rescale,
+      untie_cls_and_patch_norms=m.untie_cls_and_patch_norms,
+      untie_global_and_local_cls_norm=m.untie_global_and_local_cls_norm,
+      mask_k_bias=m.mask_k_bias, qkv_bias=m.qkv_bias, ln_eps=m.ln_eps,
+      register_init_std=m.register_init_std)
 
 
 def build(config, *, teacher: bool = False, dtype=None, seed: int = 0) -> DINO:

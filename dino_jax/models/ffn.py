@@ -1,4 +1,4 @@
-"""Feed-forward parts of a ViT block: the exact GELU, the MLP, DINOv2's SwiGLU and LayerScale."""
+"""Feed-forward parts of a ViT block: the exact GELU, the MLP, DINOv2/v3's SwiGLU and LayerScale."""
 from __future__ import annotations
 
 import math
@@ -42,9 +42,11 @@ class Mlp(nnx.Module):
     return self.fc2(gelu(self.fc1(x)))
 
 
-def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
-  """DINOv2's SwiGLU hidden width: 2/3 of the MLP width, rounded up to a multiple of 8."""
-  return (int(int(dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+def swiglu_hidden(dim: int, mlp_ratio: float, align: int = 8) -> int:
+  """The SwiGLU hidden width of DINOv2 and DINOv3: 2/3 of the MLP width int(dim * mlp_ratio),
+  truncated, then rounded up to a multiple of `align` (8; DINOv3's 'swiglu64': 64)."""
+  hidden = int(int(dim * mlp_ratio) * 2 / 3)
+  return hidden + (-hidden % align)
 
 
 class SwiGLU(nnx.Module):

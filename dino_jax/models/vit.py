@@ -15,6 +15,18 @@ branches, register tokens ([CLS, registers, patches], registers get no pos-embed
 (hidden = ceil8(int(2/3 * mlp_ratio * D))), a learned mask token that replaces masked patch
 embeddings before the pos-embed is added, and the register models' pos-embed resize (explicit
 output size, PyTorch's antialiased bicubic).
+
+DINOv3 options (also off by default): axial RoPE on the patch tokens instead of the learned
+pos-embed (pos_embed='rope'; models/rope.py: base or min/max periods, per-axis coordinate
+normalisation, training-time shift / jitter / rescale drawn per block and per crop size from
+the call's key, none without one); the registers are DINOv3's storage tokens (after CLS; init
+std `register_init_std`); separate final norms for CLS and storage tokens
+(untie_cls_and_patch_norms: `cls_norm`) and for the local crops' CLS and storage tokens in
+training (untie_global_and_local_cls_norm: `local_cls_norm`, used when a call says
+local=True); the k third of the qkv bias masked to 0 (mask_k_bias) or no qkv bias at all
+(qkv_bias=False, 7B); LayerNorm eps (ln_eps; DINOv3's 'layernormbf16' is 1e-5); SwiGLU hidden
+width rounded up to `swiglu_align` (7B: 64). The DINOv3 sizes are in VARIANTS; VARIANT_FFNS
+holds the FFN of those whose FFN is not the 4x MLP.
 """
 from __future__ import annotations
 
@@ -28,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dino_jax.models import packing, stem
+from dino_jax.models import packing, rope, stem
 from dino_jax.models.ffn import LayerScale, Mlp, SwiGLU, gelu, swiglu_hidden  # noqa: F401
 from dino_jax.models.pos_embed import (interpolate_pos_embed, torch_bicubic_aa_matrix,  # noqa: F401
                                        torch_bicubic_matrix)
@@ -41,8 +53,23 @@ VARIANTS: dict[str, tuple[int, int, int]] = {
     'vit_base': (768, 12, 12),
     'vit_large': (1024, 24, 16),
     'vit_giant2': (1536, 40, 24),  # DINOv2 ViT-g/14 (use ffn='swiglu')
+    # DINOv3 (official hub constructors dinov3_vit{s16plus,l16plus,h16plus,7b16}); S/16, B/16
+    # and L/16 are vit_small, vit_base and vit_large
+    'vit_small_plus': (384, 12, 6),
+    'vit_large_plus': (1024, 24, 16),
+    'vit_huge_plus': (1280, 32, 20),
+    'vit_7b': (4096, 40, 32),
+}
+# name -> (ffn, mlp_ratio, swiglu_align) of the variants whose FFN is not the 4x MLP; from_variant
+# uses them unless given (DINOv3: 'swiglu' ratio 6, and 7B's 'swiglu64' ratio 3).
+VARIANT_FFNS: dict[str, tuple[str, float, int]] = {
+    'vit_small_plus': ('swiglu', 6.0, 8),
+    'vit_large_plus': ('swiglu', 6.0, 8),
+    'vit_huge_plus': ('swiglu', 6.0, 8),
+    'vit_7b': ('swiglu', 3.0, 64),
 }
 FFNS = ('mlp', 'swiglu')
+POS_EMBEDS = ('learned', 'rope')
 # What a block keeps for the backward pass (config.model.remat): 'none' keeps every activation;
 # 'block' keeps only the block's input and recomputes the rest; 'dots' keeps the outputs of
 # the token-wise matrix products (qkv, proj, MLP; no batch dimensions) and recomputes
@@ -51,6 +78,7 @@ REMAT_POLICIES = {'none': None, 'block': None,
                   'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 PATCH_SIZES = (4, 8, 14, 16)
 LN_EPS = 1e-6
+_ROPE_STREAM = 0x526F5045  # fold_in constant of the RoPE augmentation keys ('RoPE')
 
 _normal02 = nnx.initializers.normal(stddev=0.02)
 
@@ -74,11 +102,34 @@ class ViTConfig:
   remat: str = 'none'  # REMAT_POLICIES name (True/False: 'block'/'none', older configs)
   pack_crops: bool = False  # multi-crop passes as one packed token matrix (DINO.backbone_crops)
   stem: str = 'patch'  # patch embedding (models/stem.py): 'patch' (official) | 'conv'
+  # DINOv3 options (module docstring; models/rope.py):
+  pos_embed: str = 'learned'  # 'learned' (DINO, DINOv2) | 'rope' (no pos_embed parameter)
+  rope_base: float = 100.0  # periods base ** (4j / head_dim)
+  rope_min_period: float = 0.0  # both > 0: geometric periods min..max instead of the base
+  rope_max_period: float = 0.0
+  rope_normalize: str = 'separate'  # coordinates / each axis ('separate'), the 'max' or 'min'
+  rope_shift: float = 0.0  # training: + U[-s, s] per axis (0: off)
+  rope_jitter: float = 0.0  # training: * exp(U[-ln j, ln j]) per axis (0: off)
+  rope_rescale: float = 0.0  # training: * exp(U[-ln r, ln r]), both axes (0: off; DINOv3: 2)
+  untie_cls_and_patch_norms: bool = False  # CLS + storage tokens through their own `cls_norm`
+  untie_global_and_local_cls_norm: bool = False  # local crops' CLS + storage: `local_cls_norm`
+  mask_k_bias: bool = False  # the k third of the qkv bias multiplied by 0 (DINOv3)
+  qkv_bias: bool = True  # DINOv3 7B: False
+  ln_eps: float = LN_EPS  # LayerNorm eps (DINOv3 'layernormbf16': 1e-5)
+  swiglu_align: int = 8  # SwiGLU hidden width rounded up to a multiple of it (7B: 64)
+  register_init_std: float = 1e-6  # N(0, std) init of the registers (DINOv3 storage: 0.02)
 
   def __post_init__(self):
     object.__setattr__(self, 'remat', remat_policy(self.remat))
     if self.ffn not in FFNS:
       raise ValueError(f'unknown ffn {self.ffn!r}; choose one of {FFNS}')
+    if self.pos_embed not in POS_EMBEDS:
+      raise ValueError(f'unknown pos_embed {self.pos_embed!r}; choose one of {POS_EMBEDS}')
+    if self.pos_embed == 'rope':
+      rope.periods(self.width // self.heads, self.rope_spec)  # raises for a bad head dim
+      if self.rope_normalize not in rope.NORMALIZE:
+        raise ValueError(f'unknown rope_normalize {self.rope_normalize!r}; choose one of '
+                         f'{rope.NORMALIZE}')
     if self.stem not in stem.STEMS:
       raise ValueError(f'unknown stem {self.stem!r}; choose one of {stem.STEMS}')
     if self.n_registers < 0 or self.layerscale < 0:
@@ -89,7 +140,15 @@ class ViTConfig:
     if arch not in VARIANTS:
       raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(VARIANTS)}')
     width, depth, heads = VARIANTS[arch]
+    if arch in VARIANT_FFNS:
+      ffn, ratio, align = VARIANT_FFNS[arch]
+      kw = {'ffn': ffn, 'mlp_ratio': ratio, 'swiglu_align': align, **kw}
     return cls(width=width, depth=depth, heads=heads, patch_size=patch_size, **kw)
+
+  @property
+  def rope_spec(self) -> rope.Spec:
+    return rope.Spec(self.rope_base, self.rope_min_period, self.rope_max_period,
+                     self.rope_normalize, self.rope_shift, self.rope_jitter, self.rope_rescale)
 
 
 def remat_policy(value) -> str:
@@ -190,49 +249,76 @@ def fused_attention(q, k, v, scale: float):
   return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='xla')
 
 
+class KMaskedBiasLinear(nnx.Linear):
+  """The qkv projection of DINOv3's `mask_k_bias` (its LinearKMaskedBias): the bias is
+  multiplied by a mask that is 0 on the k third of the outputs [D, 2D) and 1 elsewhere, so keys
+  get no bias (that part of the parameter stays at its init and gets no gradient)."""
+
+  def __call__(self, x):
+    kernel, bias = self.kernel[...], self.bias[...]
+    o = bias.shape[-1]
+    mask = np.ones(o, np.float32)
+    mask[o // 3: 2 * o // 3] = 0
+    x, kernel, bias = self.promote_dtype((x, kernel, bias * mask.astype(bias.dtype)),
+                                         dtype=self.dtype)
+    y = self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+    return y + bias
+
+
 class Attention(nnx.Module):
 
-  def __init__(self, dim: int, heads: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, heads: int, *, dtype, rngs: nnx.Rngs, qkv_bias: bool = True,
+               mask_k_bias: bool = False):
     self.heads = heads
-    self.qkv = nnx.Linear(dim, 3 * dim, kernel_init=_normal02, dtype=dtype, rngs=rngs)
+    linear = KMaskedBiasLinear if mask_k_bias and qkv_bias else nnx.Linear
+    self.qkv = linear(dim, 3 * dim, use_bias=qkv_bias, kernel_init=_normal02, dtype=dtype,
+                      rngs=rngs)
     self.proj = nnx.Linear(dim, dim, kernel_init=_normal02, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, *, return_attention: bool = False, layout: packing.Layout | None = None):
+  def __call__(self, x, *, rope_tables=None, return_attention: bool = False,
+               layout: packing.Layout | None = None):
     """x: (B, N, D) tokens of one crop size, or a packed (P * M, D) matrix with its `layout`:
-    qkv and proj run over all tokens at once, attention within each crop-size group."""
+    qkv and proj run over all tokens at once, attention within each crop-size group.
+    rope_tables: RoPE (sin, cos) of the tokens (models/rope.py; one pair per group when
+    packed), or None."""
     d = x.shape[-1]
     hd = d // self.heads
     qkv = self.qkv(x)
     if layout is not None:
-      out = [self._attend(g, hd) for g in layout.split(qkv)]
+      tables = rope_tables if rope_tables is not None else [None] * len(layout.groups)
+      out = [self._attend(g, hd, t) for g, t in zip(layout.split(qkv), tables)]
       return self.proj(layout.join(out)), None
     if not return_attention:
-      return self.proj(self._attend(qkv, hd)), None
+      return self.proj(self._attend(qkv, hd, rope_tables)), None
     # The exact path that also returns the f32 softmax maps (visualisation).
     b, n, _ = x.shape
-    q, k, v = self._heads(qkv, hd)
+    q, k, v = self._heads(qkv, hd, rope_tables)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (hd ** -0.5)
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     out = jnp.einsum('bhqk,bkhd->bqhd', attn.astype(v.dtype), v).reshape(b, n, d)
     return self.proj(out), attn
 
-  def _heads(self, qkv, hd):
+  def _heads(self, qkv, hd, rope_tables=None):
     b, n, _ = qkv.shape
     qkv = qkv.reshape(b, n, 3, self.heads, hd)  # rows [q|k|v], head-major, as PyTorch
     # one split (its gradient one concatenation), not three slices (three zero-padded sums)
-    return tuple(t.reshape(b, n, self.heads, hd) for t in jnp.split(qkv, 3, axis=2))
+    q, k, v = (t.reshape(b, n, self.heads, hd) for t in jnp.split(qkv, 3, axis=2))
+    if rope_tables is not None:
+      q, k = rope.apply(q, *rope_tables), rope.apply(k, *rope_tables)
+    return q, k, v
 
-  def _attend(self, qkv, hd):
+  def _attend(self, qkv, hd, rope_tables=None):
     """(B, N, 3D) qkv of one crop size -> (B, N, D), through the fused kernel where the
     platform has one (cuDNN on GPUs)."""
     b, n, _ = qkv.shape
-    q, k, v = self._heads(qkv, hd)
+    q, k, v = self._heads(qkv, hd, rope_tables)
     return fused_attention(q, k, v, hd ** -0.5).reshape(b, n, self.heads * hd)
 
 
 def _ffn(cfg: ViTConfig, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
   if cfg.ffn == 'swiglu':
-    return SwiGLU(cfg.width, swiglu_hidden(cfg.width, cfg.mlp_ratio), dtype=dtype, rngs=rngs)
+    return SwiGLU(cfg.width, swiglu_hidden(cfg.width, cfg.mlp_ratio, cfg.swiglu_align),
+                  dtype=dtype, rngs=rngs)
   return Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio), dtype=dtype, rngs=rngs)
 
 
@@ -241,23 +327,26 @@ class Block(nnx.Module):
   def __init__(self, cfg: ViTConfig, drop_path_rate: float, *, dtype, rngs: nnx.Rngs):
     dim = cfg.width
     self.drop_path_rate = drop_path_rate
-    self.norm1 = nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
-    self.attn = Attention(dim, cfg.heads, dtype=dtype, rngs=rngs)
-    self.norm2 = nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+    self.norm1 = nnx.LayerNorm(dim, epsilon=cfg.ln_eps, dtype=dtype, rngs=rngs)
+    self.attn = Attention(dim, cfg.heads, dtype=dtype, rngs=rngs, qkv_bias=cfg.qkv_bias,
+                          mask_k_bias=cfg.mask_k_bias)
+    self.norm2 = nnx.LayerNorm(dim, epsilon=cfg.ln_eps, dtype=dtype, rngs=rngs)
     self.mlp = _ffn(cfg, dtype=dtype, rngs=rngs)
     self.ls1 = LayerScale(dim, cfg.layerscale) if cfg.layerscale else None
     self.ls2 = LayerScale(dim, cfg.layerscale) if cfg.layerscale else None
 
-  def __call__(self, x, key=None, *, return_attention=False, layout=None):
+  def __call__(self, x, key=None, *, rope_tables=None, return_attention=False, layout=None):
     """x: (B, N, D) with one drop-path key, or packed (P * M, D) with its `layout` and one key
-    per crop-size group (the keys of unpacked passes, so the same crops are dropped)."""
+    per crop-size group (the keys of unpacked passes, so the same crops are dropped).
+    rope_tables: the RoPE (sin, cos) of this block (one pair per group when packed) or None."""
     if layout is None:
       k1, k2 = jax.random.split(key) if key is not None else (None, None)
       drop = lambda y, k: drop_path(y, self.drop_path_rate, k)
     else:
       k1, k2 = zip(*[jax.random.split(k) for k in key]) if key is not None else (None, None)
       drop = lambda y, k: packing.drop_path(y, self.drop_path_rate, k, layout)
-    y, attn = self.attn(self.norm1(x), return_attention=return_attention, layout=layout)
+    y, attn = self.attn(self.norm1(x), rope_tables=rope_tables,
+                        return_attention=return_attention, layout=layout)
     y = self.ls1(y) if self.ls1 is not None else y
     x = x + drop(y, k1)
     y = self.mlp(self.norm2(x))
@@ -266,18 +355,19 @@ class Block(nnx.Module):
     return x, attn
 
 
-def _block_call(block: Block, x, key, layout):
-  return block(x, key, layout=layout)
+def _block_call(block: Block, x, key, rope_tables, layout):
+  return block(x, key, rope_tables=rope_tables, layout=layout)
 
 
 @functools.lru_cache(maxsize=None)
 def _remat_block(policy: str):
   """The block call that recomputes in the backward pass what `policy` does not keep."""
-  return nnx.remat(_block_call, policy=REMAT_POLICIES[policy], static_argnums=(3,))
+  return nnx.remat(_block_call, policy=REMAT_POLICIES[policy], static_argnums=(4,))
 
 
 class ViT(nnx.Module):
-  """DINO / DINOv2 ViT. Call with NHWC images (and optional patch masks); returns a ViTOutput."""
+  """DINO / DINOv2 / DINOv3 ViT. Call with NHWC images (and optional patch masks); returns a
+  ViTOutput."""
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
     self.cfg = cfg
@@ -286,18 +376,24 @@ class ViT(nnx.Module):
     self.patch_embed = stem.make(cfg.stem, d, p, dtype=dtype, rngs=rngs)
     grid = cfg.img_size // p
     self.cls_token = nnx.Param(_normal02(rngs.params(), (1, 1, d)))
-    self.pos_embed = nnx.Param(_normal02(rngs.params(), (1, 1 + grid * grid, d)))
-    self.register_tokens = (nnx.Param(1e-6 * jax.random.normal(
+    # with RoPE the positions enter attention (models/rope.py): no learned embedding
+    self.pos_embed = (nnx.Param(_normal02(rngs.params(), (1, 1 + grid * grid, d)))
+                      if cfg.pos_embed == 'learned' else None)
+    self.register_tokens = (nnx.Param(cfg.register_init_std * jax.random.normal(
         rngs.params(), (1, cfg.n_registers, d))) if cfg.n_registers else None)
     self.mask_token = nnx.Param(jnp.zeros((1, d), jnp.float32)) if cfg.mask_token else None
     rates = (np.full(cfg.depth, cfg.drop_path_rate) if cfg.drop_path_uniform
              else np.linspace(0.0, cfg.drop_path_rate, cfg.depth))
     self.blocks = nnx.List([Block(cfg, float(r), dtype=dtype, rngs=rngs) for r in rates])
-    self.norm = nnx.LayerNorm(d, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+    norm = lambda: nnx.LayerNorm(d, epsilon=cfg.ln_eps, dtype=dtype, rngs=rngs)
+    self.norm = norm()  # every token, or only the patches when a CLS norm is untied
+    self.cls_norm = norm() if cfg.untie_cls_and_patch_norms else None
+    self.local_cls_norm = norm() if cfg.untie_global_and_local_cls_norm else None
 
   def tokens(self, images: jax.Array, masks: jax.Array | None = None) -> jax.Array:
     """Patch-embed NHWC images, put the mask token where `masks` (B, N) is True, add the
-    (interpolated) positional embedding, and insert the register tokens after CLS."""
+    (interpolated) positional embedding (none with RoPE), and insert the register tokens
+    after CLS."""
     cfg = self.cfg
     b, h, w, _ = images.shape
     p = cfg.patch_size
@@ -310,57 +406,105 @@ class ViT(nnx.Module):
       if masks.shape != x.shape[:2]:
         raise ValueError(f'masks shape {masks.shape} != (batch, patches) {x.shape[:2]}')
       x = jnp.where(masks[..., None], self.mask_token[...].astype(self.dtype), x)
-    pos = self.pos_embed[...]
-    pos_patch = interpolate_pos_embed(pos[:, 1:], h // p, w // p, cfg.interpolate_offset,
-                                      cfg.interpolate_antialias)
     d = x.shape[-1]
-    parts = [jnp.broadcast_to(self.cls_token[...] + pos[:, :1], (b, 1, d)).astype(self.dtype)]
+    if self.pos_embed is None:
+      cls = self.cls_token[...]
+    else:
+      pos = self.pos_embed[...]
+      pos_patch = interpolate_pos_embed(pos[:, 1:], h // p, w // p, cfg.interpolate_offset,
+                                        cfg.interpolate_antialias)
+      cls = self.cls_token[...] + pos[:, :1]
+      x = x + pos_patch.astype(self.dtype)
+    parts = [jnp.broadcast_to(cls, (b, 1, d)).astype(self.dtype)]
     if self.register_tokens is not None:
       parts.append(jnp.broadcast_to(self.register_tokens[...], (b, cfg.n_registers, d))
                    .astype(self.dtype))
-    return jnp.concatenate(parts + [x + pos_patch.astype(self.dtype)], axis=1)
+    return jnp.concatenate(parts + [x], axis=1)
+
+  def rope_tables(self, images: jax.Array, key: jax.Array | None) -> list:
+    """The RoPE (sin, cos) tables of each block for a batch of `images` (None per block without
+    RoPE). key: the coordinate augmentations' randomness, drawn anew for every block as the
+    official model does (None: eval, no augmentation)."""
+    cfg = self.cfg
+    if cfg.pos_embed != 'rope':
+      return [None] * len(self.blocks)
+    gh, gw = images.shape[1] // cfg.patch_size, images.shape[2] // cfg.patch_size
+    table = functools.partial(rope.tables, cfg.rope_spec, gh, gw, 1 + cfg.n_registers,
+                              cfg.width // cfg.heads)
+    if key is None or not cfg.rope_spec.augments:
+      return [table()] * len(self.blocks)
+    # a stream apart from the drop-path keys, which stay those of a model without RoPE
+    keys = jax.random.split(jax.random.fold_in(key, _ROPE_STREAM), len(self.blocks))
+    return [table(k) for k in keys]
 
   def __call__(self, images: jax.Array, *, key: jax.Array | None = None, n_last: int = 1,
-               return_attention: bool = False, masks: jax.Array | None = None) -> ViTOutput:
-    """images: (B, H, W, 3) float, normalised. key: drop-path randomness (None = eval).
-    masks: optional (B, N) bool over patches (row-major grid); True = use the mask token."""
+               return_attention: bool = False, masks: jax.Array | None = None,
+               local: bool = False) -> ViTOutput:
+    """images: (B, H, W, 3) float, normalised. key: drop-path and RoPE-augmentation
+    randomness (None = eval). masks: optional (B, N) bool over patches (row-major grid);
+    True = use the mask token. local: these are local crops in training (their CLS and
+    storage tokens take `local_cls_norm` when the model has one)."""
     x = self.tokens(images, masks)
     keys = (jax.random.split(key, len(self.blocks)) if key is not None
             else [None] * len(self.blocks))
+    tables = self.rope_tables(images, key)
     outs, attn = [], None
-    for i, (block, k) in enumerate(zip(self.blocks, keys)):
+    for i, (block, k, t) in enumerate(zip(self.blocks, keys, tables)):
       last = i == len(self.blocks) - 1
       if self.cfg.remat != 'none' and not (return_attention and last):
-        x, a = _remat_block(self.cfg.remat)(block, x, k, None)
+        x, a = _remat_block(self.cfg.remat)(block, x, k, t, None)
       else:
-        x, a = block(x, k, return_attention=return_attention and last)
+        x, a = block(x, k, rope_tables=t, return_attention=return_attention and last)
       if i >= len(self.blocks) - n_last:
         outs.append(x)
       attn = a if last else attn
-    normed = [self.norm(o) for o in outs]
+    normed = [self.final_norm(o, local) for o in outs]
     return self._output(normed[-1], tuple(normed), attn)
+
+  def final_norm(self, x: jax.Array, local: bool = False) -> jax.Array:
+    """The final norm of (B, T, D) tokens: `norm` on all of them, or, with untied norms, on
+    the patches only, with `local_cls_norm` (local crops in training) or `cls_norm` (else
+    `norm`) on CLS and storage tokens."""
+    if self.cls_norm is None and self.local_cls_norm is None:
+      return self.norm(x)
+    r = 1 + self.cfg.n_registers
+    prefix_norm = self.norm
+    if local and self.local_cls_norm is not None:
+      prefix_norm = self.local_cls_norm
+    elif self.cls_norm is not None:
+      prefix_norm = self.cls_norm
+    return jnp.concatenate([prefix_norm(x[:, :r]), self.norm(x[:, r:])], axis=1)
 
   def _output(self, x, intermediates, attn) -> ViTOutput:
     r = 1 + self.cfg.n_registers
     return ViTOutput(cls=x[:, 0], patches=x[:, r:], intermediates=intermediates,
                      attention=attn, registers=x[:, 1:r] if r > 1 else None)
 
-  def packed(self, images: list[jax.Array], *, keys=None, masks=None,
-             shards: int = 1) -> list[ViTOutput]:
-    """The outputs of `self(images[g], key=keys[g], masks=masks[g])` for every crop-size group
-    g, computed as one packed token matrix (models/packing.py): token-wise work once over all
-    crops, attention per group. shards: batch shards of the crops (1 on one device), so every
-    device packs only its own rows. Returns the last block's output only (no attention maps)."""
+  def packed(self, images: list[jax.Array], *, keys=None, masks=None, shards: int = 1,
+             local=None) -> list[ViTOutput]:
+    """The outputs of `self(images[g], key=keys[g], masks=masks[g], local=local[g])` for every
+    crop-size group g, computed as one packed token matrix (models/packing.py): token-wise
+    work once over all crops, attention per group (RoPE tables per group). shards: batch
+    shards of the crops (1 on one device), so every device packs only its own rows. Returns
+    the last block's output only (no attention maps)."""
     masks = masks or [None] * len(images)
+    local = local or [False] * len(images)
     xs = [self.tokens(im, m) for im, m in zip(images, masks)]
     layout = packing.Layout(tuple(x.shape[:2] for x in xs), shards)
     x = layout.join(xs)
     per_block = ([jax.random.split(k, len(self.blocks)) for k in keys] if keys is not None
                  else None)
+    group_tables = [self.rope_tables(im, keys[g] if keys is not None else None)
+                    for g, im in enumerate(images)]
+    rope_on = self.cfg.pos_embed == 'rope'
     for i, block in enumerate(self.blocks):
       k = tuple(ks[i] for ks in per_block) if per_block is not None else None
+      t = tuple(ts[i] for ts in group_tables) if rope_on else None
       if self.cfg.remat != 'none':
-        x, _ = _remat_block(self.cfg.remat)(block, x, k, layout)
+        x, _ = _remat_block(self.cfg.remat)(block, x, k, t, layout)
       else:
-        x, _ = block(x, k, layout=layout)
-    return [self._output(o, (o,), None) for o in layout.split(self.norm(x))]
+        x, _ = block(x, k, rope_tables=t, layout=layout)
+    if self.cls_norm is None and self.local_cls_norm is None:
+      return [self._output(o, (o,), None) for o in layout.split(self.norm(x))]
+    outs = [self.final_norm(o, g_local) for o, g_local in zip(layout.split(x), local)]
+    return [self._output(o, (o,), None) for o in outs]
