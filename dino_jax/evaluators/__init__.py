@@ -8,8 +8,9 @@
 `config.evals` names the evaluators the training loop runs at eval time: each must have a
 function `evaluate(inputs: LoopInputs) -> dict | None` (its metrics, None when the data does not
 allow it) and `describe(metrics, config) -> str` (the printed line). Every name is also a
-subcommand of `python -m dino_jax.evaluate NAME`. Adding an evaluator: write its file and add
-one line to EVALUATORS.
+subcommand of `python -m dino_jax.evaluate NAME`: its module declares `HELP` (one line),
+`add_arguments(parser)` (its flags, after the model flags of cli.py) and `run(args)` (prints
+and returns its results). Adding an evaluator: write its file and add one line to EVALUATORS.
 """
 from __future__ import annotations
 

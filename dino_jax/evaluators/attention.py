@@ -18,7 +18,8 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from dino_jax import image_ops, inference
+from dino_jax import data, image_ops, inference
+from dino_jax.evaluators import cli
 
 # viridis at 0, 1/4, 1/2, 3/4, 1 (linearly interpolated in between)
 _ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98],
@@ -159,3 +160,51 @@ def summary_grid(views: np.ndarray, attn: np.ndarray, mass: float, patch: int,
     rows.append(upsample(grid, scale))
     rows.append(np.full((2, rows[-1].shape[1], 3), 255, np.uint8))
   return np.concatenate(rows[:-1], axis=0)
+
+
+# python -m dino_jax.evaluate attention
+
+HELP = 'attention-map PNGs'
+
+
+def add_arguments(parser) -> None:
+  parser.add_argument('--images', nargs='*', default=[], help='image files')
+  parser.add_argument('--source', default=None, help='also draw images from this data source')
+  parser.add_argument('--index', type=int, nargs='*', default=[0],
+                      help='indices into --source')
+  parser.add_argument('--image_size', type=int, nargs=2, default=[480, 480],
+                      metavar=('H', 'W'), help='resize to H x W (official 480 x 480)')
+  parser.add_argument('--threshold', type=float, default=0.6, help='attention mass kept')
+  parser.add_argument('--scale', type=int, default=1, help='enlarge the PNGs (nearest)')
+  parser.add_argument('--out', required=True, help='output folder')
+
+
+def run(args) -> dict:
+  backbone, _, what = cli.load(args)
+  images = [(os.path.splitext(os.path.basename(p))[0], np.asarray(Image.open(p).convert('RGB')))
+            for p in args.images]
+  if args.source:
+    train, test = data.load(args.source)
+    src = test if test is not None else train
+    images += [(f'{args.source.split(":")[-1].split("/")[-1].split(".")[0]}-{i}',
+                src[i]['image']) for i in args.index]
+  if not images:
+    raise SystemExit('error: give --images and/or --source with --index')
+  p = backbone.cfg.patch_size
+  graphdef, params = nnx.split(backbone)
+  fn = jax.jit(lambda prm, x: attention_maps(nnx.merge(graphdef, prm), x))
+  written = []
+  for name, img in images:
+    x = prepare(img, tuple(args.image_size), p)
+    attn = np.asarray(fn(params, to_model_input(x[None], backbone.dtype)))[0]
+    pics = panels(x, attn, args.threshold, p)
+    if args.scale > 1:
+      pics = {k: upsample(v, args.scale) for k, v in pics.items()}
+    written += write_pngs(args.out, name, pics)
+    masks = threshold_masks(attn, args.threshold)
+    mass = kept_mass(attn, masks)
+    print(f'{name}: {attn.shape[0]} heads on a {attn.shape[1]}x{attn.shape[2]} patch grid; '
+          f'masks keep {", ".join(f"{m:.3f}" for m in mass)} of the attention, '
+          f'{", ".join(str(int(n)) for n in masks.sum((1, 2)))} patches')
+  print(f'attention maps of {what}: wrote {len(written)} PNGs to {args.out}')
+  return {'pngs': written}

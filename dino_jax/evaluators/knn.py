@@ -16,6 +16,7 @@ below 100 test images).
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dino_jax import sharding
+from dino_jax.evaluators import cli
 from dino_jax.evaluators import features as features_lib
 
 OFFICIAL_KS = (10, 20, 100, 200)
@@ -164,6 +166,33 @@ def pixel_baseline(source: str, k: int = 20, temperature: float = 0.07) -> dict[
   xtr, ytr = arrays(train)
   xte, yte = arrays(test)
   return knn_classify(xtr, ytr, xte, yte, k=k, temperature=temperature)
+
+
+# python -m dino_jax.evaluate knn
+
+HELP = 'weighted k-NN (DINO protocol)'
+
+
+def add_arguments(parser) -> None:
+  cli.add_view_arguments(parser)
+  parser.add_argument('--k', type=int, nargs='+', default=list(OFFICIAL_KS))
+  parser.add_argument('--temperature', type=float, default=0.07)
+  parser.add_argument('--max_train', type=int, default=0,
+                      help='use this many train images (0: all)')
+
+
+def run(args) -> dict:
+  backbone, config, what = cli.load(args)
+  train, test = cli.labelled(args.source)
+  t0 = time.time()
+  xtr, ytr = cli.extract(backbone, config, args, train, 'cls', args.max_train)
+  xte, yte = cli.extract(backbone, config, args, test, 'cls')
+  res = knn_classify_ks(xtr, ytr, xte, yte, ks=args.k, temperature=args.temperature)
+  print(f'k-NN of {what} on {args.source}: {len(xtr)} train / {len(xte)} test, '
+        f'T={args.temperature}, {time.time() - t0:.1f} s')
+  for k, r in res.items():
+    print(f'  {k:4d}-NN  top-1 {r["top1"]:6.2f}%  top-5 {r["top5"]:6.2f}%')
+  return {str(k): v for k, v in res.items()}
 
 
 if __name__ == '__main__':

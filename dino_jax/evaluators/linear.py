@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from flax import nnx
 
 from dino_jax import image_ops, sharding
 from dino_jax.data import eval_batches
+from dino_jax.evaluators import cli
 from dino_jax.evaluators import features as features_lib
 
 MODES = ('cached', 'augmented')
@@ -178,3 +180,58 @@ def augmented_features(fn, params, source, *, epoch_key, mesh, canvas_size: int,
     f = np.asarray(fn(params, g['image'], g['hw'], keys))
     out.append(f[batch['mask']])
   return np.concatenate(out)
+
+
+# python -m dino_jax.evaluate linear
+
+HELP = 'linear probe, lr sweep'
+DEFAULT_LRS = (1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # official base lr: 0.001
+
+
+def add_arguments(parser) -> None:
+  cli.add_view_arguments(parser)
+  parser.add_argument('--kind', choices=features_lib.KINDS[1:], default=None,
+                      help='cls4 (ViT-S protocol) or cls_avgpool (ViT-B); default by arch')
+  parser.add_argument('--mode', choices=MODES, default='cached')
+  parser.add_argument('--lrs', type=float, nargs='+', default=list(DEFAULT_LRS),
+                      help='base learning rates at batch 256 (official: 0.001)')
+  parser.add_argument('--epochs', type=int, default=100)
+  parser.add_argument('--weight_decay', type=float, default=0.0)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--verbose', action='store_true', help='print every epoch')
+
+
+def run(args) -> dict:
+  backbone, config, what = cli.load(args)
+  train, test = cli.labelled(args.source)
+  kind = args.kind or ('cls_avgpool' if config.model.arch == 'vit_base' else 'cls4')
+  t0 = time.time()
+  xte, yte = cli.extract(backbone, config, args, test, kind)
+  if args.mode == 'cached':
+    xtr, ytr = cli.extract(backbone, config, args, train, kind)
+    feats_fn = lambda epoch: xtr
+  else:
+    ytr = np.array([train[i]['label'] for i in range(len(train))], np.int32)
+    size, _, canvas = cli.view_args(args, config)
+    graphdef, params = nnx.split(backbone)
+    fn = make_augmented_feature_fn(graphdef, size=size, dtype=backbone.dtype, kind=kind)
+    mesh = sharding.make_mesh()
+    key = jax.random.PRNGKey(args.seed + 1)
+    feats_fn = lambda epoch: augmented_features(
+        fn, params, train, epoch_key=jax.random.fold_in(key, epoch), mesh=mesh,
+        canvas_size=canvas, batch_size=args.batch_size)
+  log = (lambda e, top1: print(f'  epoch {e + 1}: top-1 ' +
+                               ' '.join(f'{x:.2f}' for x in top1), flush=True)) \
+      if args.verbose else None
+  res = train_probe(feats_fn, ytr, xte, yte, lrs=args.lrs, epochs=args.epochs,
+                    batch_size=args.batch_size, weight_decay=args.weight_decay,
+                    seed=args.seed, log=log)
+  best = summary(res)
+  print(f'linear probe of {what} on {args.source}: {kind} features ({xte.shape[1]}-d), '
+        f'{args.mode}, {args.epochs} epochs, batch {args.batch_size}, '
+        f'{time.time() - t0:.1f} s')
+  for lr, t1, t5, bt in zip(res['lrs'], res['top1'][-1], res['top5'][-1], res['top1'].max(0)):
+    print(f'  lr {lr:8.5f}: top-1 {t1:6.2f}%  top-5 {t5:6.2f}%  (best epoch {bt:6.2f}%)')
+  print(f'  best lr {best["lr"]}: top-1 {best["top1"]:.2f}% (last epoch), '
+        f'{best["best_epoch_top1"]:.2f}% at its best epoch {best["best_epoch"]}')
+  return best

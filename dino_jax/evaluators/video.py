@@ -23,12 +23,16 @@ from __future__ import annotations
 import functools
 import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from PIL import Image
 from scipy import ndimage
+
+from dino_jax.evaluators import cli
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.228, 0.224, 0.225], np.float32)  # 0.228: the official script's value
@@ -257,3 +261,64 @@ def save_mask(path: str, mask: np.ndarray, palette: list | None) -> None:
     img = Image.fromarray(mask, 'P')
     img.putpalette(palette)
     img.save(path)
+
+
+# python -m dino_jax.evaluate video
+
+HELP = 'DAVIS label propagation, J and F'
+
+
+def add_arguments(parser) -> None:
+  parser.add_argument('--davis', required=True, help='DAVIS root (JPEGImages/, Annotations/)')
+  parser.add_argument('--sequences', nargs='*', default=None)
+  parser.add_argument('--resolution', default='480p')
+  parser.add_argument('--short_side', type=int, default=480)
+  parser.add_argument('--n_last', type=int, default=N_LAST_FRAMES)
+  parser.add_argument('--neighborhood', type=int, default=NEIGHBORHOOD)
+  parser.add_argument('--topk', type=int, default=TOPK)
+  parser.add_argument('--temperature', type=float, default=TEMPERATURE)
+  parser.add_argument('--out', default=None, help='write the predicted masks here')
+
+
+def run(args) -> dict:
+  backbone, _, what = cli.load(args)
+  p = backbone.cfg.patch_size
+  seqs = args.sequences or list_sequences(args.davis, args.resolution)
+  graphdef, params = nnx.split(backbone)
+
+  @jax.jit
+  def feature_params(prm, x):
+    out = nnx.merge(graphdef, prm)(x[None])
+    f = out.patches[0].astype(jnp.float32)
+    return f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+  feature = lambda x: feature_params(params, jnp.asarray(x, backbone.dtype))
+
+  per_seq, copy_first = {}, {}
+  t0 = time.time()
+  for seq in seqs:
+    frame_paths, annot_paths = list_sequence(args.davis, seq, args.resolution)
+    first, palette = read_mask(annot_paths[0])
+    h, w = first.shape
+    size = frame_size(h, w, args.short_side)
+    frames = [load_frame(f, size) for f in frame_paths]
+    preds = segment_sequence(frames, first, feature, p, (h, w), n_last=args.n_last,
+                             radius=args.neighborhood, topk=args.topk,
+                             temperature=args.temperature)
+    gts = [read_mask(a)[0] if a else None for a in annot_paths]
+    per_seq[seq] = score_sequence(preds, gts)
+    copy_first[seq] = score_sequence([first] * len(gts), gts)
+    s = summarize({seq: per_seq[seq]})
+    print(f'  {seq}: {len(frames)} frames at {size[0]}x{size[1]} '
+          f'({size[0] // p}x{size[1] // p} patches): J {s["J"]:.3f} F {s["F"]:.3f} '
+          f'J&F {s["J&F"]:.3f}', flush=True)
+    if args.out:
+      for path, m in zip(frame_paths, preds):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        save_mask(os.path.join(args.out, seq, stem + '.png'), m, palette)
+  res = summarize(per_seq)
+  base = summarize(copy_first)
+  print(f'DAVIS label propagation of {what} on {args.davis} ({len(seqs)} sequences, '
+        f'{time.time() - t0:.1f} s): J {res["J"]:.3f} F {res["F"]:.3f} J&F {res["J&F"]:.3f}')
+  print(f'  reference, the first mask copied to every frame: J {base["J"]:.3f} '
+        f'F {base["F"]:.3f} J&F {base["J&F"]:.3f}')
+  return {**res, 'copy_first': base, 'sequences': per_seq}
