@@ -3,18 +3,22 @@
 Reads (never unpickling arbitrary objects): DINO v1 hub backbones (`dino_deitsmall16_pretrain.pth`
 ...), DINO v1 full training checkpoints (`student` / `teacher` / `dino_loss.center`), DINOv2 hub
 backbones with or without registers (S/B/L/g, patch 14), DINOv2 training checkpoints with
-chunked blocks (`blocks.<chunk>.<i>.`), and `.safetensors` files of any of these layouts.
-The architecture is inferred from the weights unless given; every key and shape is checked.
+chunked blocks (`blocks.<chunk>.<i>.`), the Hugging Face transformers layout of DINOv2 and
+DINOv2 with registers (`model.safetensors`, `pytorch_model.bin`; convert_hf.py holds its
+names), and `.safetensors` files of any of these layouts. The layout is detected from the keys;
+the architecture is inferred from the weights unless given; every key and shape is checked.
 
 Writes: our model file (dino_jax/weights.py: `.safetensors`, Flax parameter paths, the
 architecture as metadata) that `dino_jax.load_model` and `load` turn into a ready Flax module,
-and Flax params back in the official key layout as a PyTorch `.pth` state_dict or
-`.safetensors`. This module holds the official key tables and reading; model files are
-weights.py's.
+and Flax params back in the official (or, `--layout hf`, the transformers) key layout as a
+PyTorch `.pth` state_dict or `.safetensors`. This module holds the official key tables and
+reading; model files are weights.py's.
 
   python -m dino_jax.convert import dino_deitsmall16_pretrain.pth vits16.safetensors
   python -m dino_jax.convert import dino_vitbase16_pretrain_full_checkpoint.pth b16.safetensors --key student
+  python -m dino_jax.convert import dinov2-small/model.safetensors dinov2_vits14.safetensors
   python -m dino_jax.convert export vits16.safetensors vits16_official.pth
+  python -m dino_jax.convert export vits14.safetensors model.safetensors --layout hf
   python -m dino_jax.convert export WORKDIR teacher.safetensors   # a dino_jax training run
 """
 from __future__ import annotations
@@ -30,7 +34,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dino_jax import paths, weights
+from dino_jax import convert_hf, paths, weights
 from dino_jax.errors import DinoJaxError
 from dino_jax.models import ViT, ViTConfig
 from dino_jax.weights import HeadConfig, Weights, flat, unflat
@@ -231,27 +235,45 @@ def _torch_shape(shape, layout: str) -> tuple[int, ...]:
   return {'same': s, 'linear': s[::-1], 'conv': s[3:] + s[2:3] + s[:2]}[layout]
 
 
-def _import(sd: dict, abstract: dict, prefix: str, head_nlayers: int = 3) -> tuple[dict, set]:
-  """Flax params shaped like `abstract` from the official state_dict; returns (params, keys
-  used). A missing key or a shape mismatch raises naming the key and both shapes."""
+def hf_key(flax_name: str, head_nlayers: int = 3) -> tuple[str | tuple[str, ...], str]:
+  """torch_key in the Hugging Face layout (convert_hf): a tuple of keys where the tensor is
+  split along the torch layout's axis 0 (qkv -> query, key, value)."""
+  key, layout = torch_key(flax_name, head_nlayers)
+  hf = convert_hf.to_hf(key)
+  if hf is None:
+    raise CheckpointError(f'the Hugging Face DINOv2 layout has no place for {flax_name!r} '
+                          f'({key!r} in the official layout); use the official layout')
+  return hf, layout
+
+
+def _import(sd: dict, abstract: dict, prefix: str, head_nlayers: int = 3,
+            key_of=torch_key) -> tuple[dict, set]:
+  """Flax params shaped like `abstract` from the state_dict (official keys, or those of
+  `key_of`); returns (params, keys used). A missing key or a shape mismatch raises naming the
+  key and both shapes."""
   out, used = {}, set()
   for name, leaf in flat(abstract).items():
-    key, layout = torch_key(prefix + name, head_nlayers)
-    want = _torch_shape(leaf.shape, layout)
-    if key not in sd:
-      raise CheckpointError(f'checkpoint has no {key!r}, which the model needs (shape '
-                            f'{weights.shape_str(want)})')
-    if tuple(sd[key].shape) != tuple(want):
-      raise CheckpointError(f'shape mismatch for {key!r}: the checkpoint has '
-                            f'{weights.shape_str(sd[key].shape)}, the model expects '
-                            f'{weights.shape_str(want)}')
-    out[name] = np.ascontiguousarray(_from_torch_layout(sd[key], layout), dtype=np.float32)
-    used.add(key)
+    key, layout = key_of(prefix + name, head_nlayers)
+    keys = key if isinstance(key, tuple) else (key,)
+    whole = _torch_shape(leaf.shape, layout)
+    want = (whole[0] // len(keys),) + whole[1:]  # each part of a split tensor
+    for k in keys:
+      if k not in sd:
+        raise CheckpointError(f'checkpoint has no {k!r}, which the model needs (shape '
+                              f'{weights.shape_str(want)})')
+      if tuple(sd[k].shape) != want:
+        raise CheckpointError(f'shape mismatch for {k!r}: the checkpoint has '
+                              f'{weights.shape_str(sd[k].shape)}, the model expects '
+                              f'{weights.shape_str(want)}')
+    x = np.concatenate([sd[k] for k in keys]) if len(keys) > 1 else sd[key]
+    out[name] = np.ascontiguousarray(_from_torch_layout(x, layout), dtype=np.float32)
+    used.update(keys)
   return unflat(out), used
 
 
-def vit_from_state_dict(sd: dict, cfg: ViTConfig) -> tuple[dict, set]:
-  return _import(sd, weights.abstract_params(lambda: ViT(cfg, rngs=nnx.Rngs(0))), '')
+def vit_from_state_dict(sd: dict, cfg: ViTConfig, key_of=torch_key) -> tuple[dict, set]:
+  return _import(sd, weights.abstract_params(lambda: ViT(cfg, rngs=nnx.Rngs(0))), '',
+                 key_of=key_of)
 
 
 def head_from_state_dict(sd: dict, width: int, hcfg: HeadConfig) -> tuple[dict, set]:
@@ -260,16 +282,19 @@ def head_from_state_dict(sd: dict, width: int, hcfg: HeadConfig) -> tuple[dict, 
   return params['head'], used
 
 
-def to_state_dict(backbone: dict, head: dict | None = None, head_nlayers: int = 3) -> dict:
+def to_state_dict(backbone: dict, head: dict | None = None, head_nlayers: int = 3,
+                  key_of=torch_key) -> dict:
   """Flax params -> official state_dict (numpy, f32): hub backbone keys, plus 'head.*' keys
-  (DINO v1 layout) when `head` is given."""
+  (DINO v1 layout) when `head` is given; key_of=hf_key: the Hugging Face layout."""
   names = flat(backbone)
   if head is not None:
     names.update({'head.' + k: v for k, v in flat(head).items()})
   out = {}
   for name, v in names.items():
-    key, layout = torch_key(name, head_nlayers)
-    out[key] = np.ascontiguousarray(_to_torch_layout(np.asarray(v, np.float32), layout))
+    key, layout = key_of(name, head_nlayers)
+    x = _to_torch_layout(np.asarray(v, np.float32), layout)
+    keys, parts = (key, np.split(x, len(key))) if isinstance(key, tuple) else ((key,), (x,))
+    out.update((k, np.ascontiguousarray(p)) for k, p in zip(keys, parts))
   return out
 
 
@@ -294,9 +319,13 @@ def _convert(obj, key: str, with_head: bool, vit_overrides: dict) -> Weights:
     raise CheckpointError(f'the checkpoint holds a {type(obj).__name__}, not a dict of '
                           f'tensors')
   raw, center = select(obj, key)
-  sd, ignored = normalize_keys(raw)
-  vit = infer_vit_config(sd, **vit_overrides)
-  backbone, used = vit_from_state_dict(sd, vit)
+  hf = convert_hf.is_hf(raw)  # the Hugging Face transformers layout: its names, no head
+  sd, ignored = (convert_hf.normalize_keys if hf else normalize_keys)(raw)
+  if hf:
+    for k in ('patch_embed.proj.weight', 'pos_embed'):
+      _need(sd, convert_hf.to_hf(k))
+  vit = infer_vit_config(convert_hf.official_view(sd) if hf else sd, **vit_overrides)
+  backbone, used = vit_from_state_dict(sd, vit, hf_key if hf else torch_key)
   hcfg = infer_head_config(sd) if with_head else None
   head = None
   if hcfg is not None:
@@ -321,14 +350,17 @@ def load(path: str | os.PathLike, dtype=np.float32) -> ViT:
 
 
 def export(backbone: dict, path: str | os.PathLike, head: dict | None = None,
-           head_nlayers: int = 3) -> dict:
-  """Write Flax params in the official key layout: .safetensors, or a .pth state_dict that
-  the official ViT loads with strict=True (backbone only, as the hub files). Returns it."""
-  sd = to_state_dict(backbone, head, head_nlayers)
+           head_nlayers: int = 3, layout: str = 'official') -> dict:
+  """Write Flax params in the official key layout (or layout='hf': transformers' Dinov2Model
+  / Dinov2WithRegistersModel): .safetensors, or a .pth state_dict that the official ViT (the
+  HF model) loads with strict=True (backbone only, as the hub files). Returns it."""
+  if why := layout == 'hf' and convert_hf.cannot_hold(flat(backbone), head is not None):
+    raise ValueError(why)
+  sd = to_state_dict(backbone, head, head_nlayers, {'official': torch_key, 'hf': hf_key}[layout])
   path = os.fspath(path)
   if path.endswith('.safetensors'):
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-    save_file(sd, path)
+    save_file(sd, path, metadata={'format': 'pt'} if layout == 'hf' else None)  # transformers
   else:
     try:
       import torch  # pylint: disable=import-outside-toplevel
@@ -346,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m dino_jax.convert', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest='cmd', required=True)
-  imp = sub.add_parser('import', help='official .pth/.safetensors -> dino_jax .safetensors')
+  imp = sub.add_parser('import', help='official or Hugging Face .pth/.bin/.safetensors -> '
+                       'dino_jax .safetensors')
   imp.add_argument('src')
   imp.add_argument('dst', help='output .safetensors')
   imp.add_argument('--key', default='teacher', choices=('teacher', 'student'),
@@ -359,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
   exp.add_argument('--step', type=int, help='checkpoint step of a workdir (default: latest)')
   exp.add_argument('--with-head', action='store_true',
                    help="also write the head as 'head.*' (DINO v1 full-checkpoint names)")
+  exp.add_argument('--layout', default='official', choices=('official', 'hf'),
+                   help='official (hub) keys, or hf: Hugging Face transformers Dinov2Model '
+                        '(/WithRegisters) keys')
   args = parser.parse_args(argv)
   try:
     if args.cmd == 'import':
@@ -373,8 +409,8 @@ def main(argv: list[str] | None = None) -> int:
       is_workdir = paths.is_remote(args.src) or os.path.isdir(args.src)  # local or gs:// workdir
       c = weights.from_workdir(args.src, args.step) if is_workdir else weights.read_file(args.src)
       sd = export(c.backbone, args.dst, c.head if args.with_head else None,
-                  c.head_config.nlayers if c.head_config else 3)
-      print(f'{args.src} -> {args.dst}: {len(sd)} tensors in the official layout')
+                  c.head_config.nlayers if c.head_config else 3, args.layout)
+      print(f'{args.src} -> {args.dst}: {len(sd)} tensors in the {args.layout} layout')
   except (ValueError, ImportError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
