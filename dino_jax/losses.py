@@ -38,19 +38,6 @@ def cross_entropy_pairs(student_logits: jax.Array, targets: jax.Array, student_t
   return jnp.sum(jnp.where(not_self, ce, 0.0)) / jnp.sum(not_self)
 
 
-def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.Array,
-              student_temp, teacher_temp, n_global: int = 2) -> jax.Array:
-  """The DINO self-distillation loss of Caron et al. (2021), as the official code computes it."""
-  q = teacher_probs(teacher_logits, center, teacher_temp)
-  return cross_entropy_pairs(student_logits, q, student_temp, n_global)
-
-
-def update_center(center: jax.Array, teacher_logits: jax.Array, momentum=0.9) -> jax.Array:
-  """EMA of the batch mean of the raw teacher logits (global mean under jit with sharding)."""
-  return center_ema(center, jnp.mean(teacher_logits.astype(jnp.float32), axis=0, keepdims=True),
-                    momentum)
-
-
 def center_ema(center: jax.Array, batch_mean: jax.Array, momentum=0.9) -> jax.Array:
   """center * momentum + batch_mean * (1 - momentum): the update of both centers."""
   return center * momentum + batch_mean * (1.0 - momentum)

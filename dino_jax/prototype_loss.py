@@ -73,7 +73,7 @@ class Targets(NamedTuple):
 def centered_targets(feats: jax.Array, w: jax.Array, center: jax.Array, temp, chunk: int,
                      valid: jax.Array | None = None) -> Targets:
   """softmax((feats @ w - center) / temp) in chunks, as `losses.teacher_probs`, with the
-  batch mean for `losses.update_center` (over the `valid` rows when given, as
+  batch mean for `losses.center_ema` (over the `valid` rows when given, as
   `losses.update_patch_center`) and the teacher statistics of the plain path."""
   feats, w = jax.lax.stop_gradient(feats), jax.lax.stop_gradient(w)
   n, k = feats.shape[0], w.shape[1]

@@ -9,6 +9,7 @@ from dino_jax import losses, prototype_loss as pl
 from dino_jax.models.head import l2_normalize
 from dino_jax.validate import ConfigError, validate
 from conftest import tiny_config
+from test_losses import update_center
 from test_packed import _one_step
 
 K, E, B, N_GLOBAL, N_CROPS = 64, 16, 4, 2, 5
@@ -40,7 +41,7 @@ def _plain_dino(s_feats, w):
   s = s_feats @ w
   stats = {**losses.distill_stats(s, q, S_TEMP, N_GLOBAL),
            **losses.collapse_stats(t, CENTER, q)}
-  return losses.cross_entropy_pairs(s, q, S_TEMP, N_GLOBAL), (q, losses.update_center(
+  return losses.cross_entropy_pairs(s, q, S_TEMP, N_GLOBAL), (q, update_center(
       CENTER, t), stats)
 
 
