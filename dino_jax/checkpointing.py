@@ -24,7 +24,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from dino_jax import checksum, paths, sharding
-from dino_jax.errors import DinoJaxError
+from dino_jax.errors import DinoJaxError, error_line
 
 ITEMS = ('state', 'data', 'config', 'checksums')
 
@@ -94,8 +94,9 @@ def restore_latest(workdir: str, mngr: ocp.CheckpointManager, abstract_state,
                    config) -> tuple[Restored | None, ocp.CheckpointManager]:
   """Restore the newest readable checkpoint of `workdir`, or None when it has none.
 
-  A checkpoint that fails to read is reported, renamed to `<step>.damaged` (kept for
-  inspection, never deleted) and the previous one is tried. A checkpoint written under a config
+  A checkpoint that fails to read (an error `is_damage` accepts) is reported, renamed to
+  `<step>.damaged` (kept for inspection, never deleted) and the previous one is tried; any
+  other error propagates and sets nothing aside. A checkpoint written under a config
   that cannot resume this one raises CheckpointMismatchError. Returns the (possibly reopened)
   manager too, since renaming changes the steps it knows.
   """
@@ -112,7 +113,9 @@ def restore_latest(workdir: str, mngr: ocp.CheckpointManager, abstract_state,
     except CheckpointMismatchError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      msg = f'{type(e).__name__}: {e}'.splitlines()[0][:300]
+      if not is_damage(e):
+        raise  # a bug, not a damaged file: nothing is set aside
+      msg = error_line(e, limit=300)
       logging.warning('checkpoint %d in %s is damaged (%s); trying the previous one', step,
                       mngr.directory, msg)
       print(f'warning: checkpoint {step} in {mngr.directory} is damaged ({msg}); '
@@ -122,6 +125,22 @@ def restore_latest(workdir: str, mngr: ocp.CheckpointManager, abstract_state,
       mngr = manager(workdir, keep=config.keep_checkpoints,
                      keep_every=config.keep_checkpoint_every)
   return None, mngr
+
+
+# What reading a truncated, corrupt or missing checkpoint file raises: OSError (a missing file
+# or item folder: FileNotFoundError; our checksum check: DamagedCheckpointError), ValueError
+# (tensorstore's status errors, DATA_LOSS, OUT_OF_RANGE, NOT_FOUND ...; json.JSONDecodeError of
+# a garbled metadata or JSON item) and KeyError (orbax: an item missing from the step folder).
+DAMAGE_ERRORS = (OSError, ValueError, KeyError)
+
+
+def is_damage(e: BaseException) -> bool:
+  """Whether `e` says a checkpoint file is damaged (anything else, a TypeError of our own
+  checks say, is a bug and must propagate). orbax re-raises tensorstore's read errors as a bare
+  Exception (`Encountered error while reading array index`) whose cause is the real error."""
+  if type(e) is Exception and e.__cause__ is not None:  # pylint: disable=unidiomatic-typecheck
+    return is_damage(e.__cause__)
+  return isinstance(e, DAMAGE_ERRORS)
 
 
 def verify(mngr: ocp.CheckpointManager, restored: Restored) -> None:
@@ -165,8 +184,7 @@ def check_structure(step_dir, abstract_state, saved_config: dict, current_config
   optim.clip_grad or optim.layer_decay, naming the config fields that differ."""
   saved = _shapes(_state_metadata(step_dir))
   wanted = _shapes(abstract_state)
-  only_saved = sorted(set(saved) - set(wanted))
-  only_here = sorted(set(wanted) - set(saved))
+  only_here, only_saved = key_diff(saved, wanted)
   reshaped = sorted(k for k in set(saved) & set(wanted)
                     if wanted[k] is not None and saved[k] != wanted[k])
   if not (only_saved or only_here or reshaped):
@@ -176,12 +194,10 @@ def check_structure(step_dir, abstract_state, saved_config: dict, current_config
                       ('shaped differently', reshaped)):
     if keys:
       what.append(f'{len(keys)} entries {label}, e.g. {keys[0]}')
-  a, b = _flatten(saved_config), _flatten(current_config)
-  fields = [f'{k}: checkpoint {a.get(k)!r}, this run {b.get(k)!r}'
-            for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+  fields = config_diff(saved_config, current_config)
   raise CheckpointMismatchError(
       f'{workdir} holds a run whose training state does not fit this config '
-      f'({"; ".join(what)}); config fields that differ: {"; ".join(fields) or "none"}. '
+      f'({"; ".join(what)}); config fields that differ: {fields or "none"}. '
       f'Use a new --workdir, or set those fields as the checkpoint has them.')
 
 
@@ -204,18 +220,25 @@ def _flatten(d: dict, prefix: str = '') -> dict:
   return out
 
 
+def config_diff(saved: dict, current: dict, fields=None) -> str:
+  """'field: checkpoint X, this run Y; ...' for each field both configs have that differs
+  (only those under `fields`, dotted prefixes, when given); '' when none. A field only one side
+  has was added (or removed) by a newer version of the code, which resumes with its default:
+  not a difference."""
+  a, b = _flatten(saved), _flatten(current)
+  keys = [k for k in sorted(set(a) & set(b)) if a[k] != b[k] and (
+      fields is None or any(k == p or k.startswith(p + '.') for p in fields))]
+  return '; '.join(f'{k}: checkpoint {a[k]!r}, this run {b[k]!r}' for k in keys)
+
+
 def check_resumable(saved: dict, current: dict, workdir: str) -> None:
   """Raise CheckpointMismatchError naming every resume-critical field that differs."""
-  a, b = _flatten(saved), _flatten(current)
-  # A field only one side has is a field added (or removed) by a newer version of the code,
-  # which resumes with its default: not a mismatch.
-  critical = [k for k in sorted(set(a) & set(b))
-              if a[k] != b[k] and any(k == p or k.startswith(p + '.') for p in RESUME_CRITICAL)]
-  if critical:
-    diffs = '; '.join(f'{k}: checkpoint {a.get(k)!r}, this run {b.get(k)!r}' for k in critical)
+  diffs = config_diff(saved, current, RESUME_CRITICAL)
+  if diffs:
     raise CheckpointMismatchError(
         f'{workdir} holds a run this config cannot resume ({diffs}). Use a new --workdir, '
         f'or set those fields as the checkpoint has them.')
+  a, b = _flatten(saved), _flatten(current)
   other = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
   if other:
     if jax.process_index() == 0:
@@ -311,6 +334,11 @@ class PreemptionWatch:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
+
+
+def key_diff(have, want) -> tuple[list[str], list[str]]:
+  """(sorted keys of `want` missing from `have`, sorted keys of `have` not in `want`)."""
+  return sorted(set(want) - set(have)), sorted(set(have) - set(want))
 
 
 def check_fits(loaded, model_tree, what: str) -> None:

@@ -11,3 +11,10 @@ clauses keep working.
 class DinoJaxError(Exception):
   """A user-facing problem reported in one line: the message names what is wrong (a field, a
   file, a step) and, where there is one, what to do about it; no traceback is shown."""
+
+
+def error_line(e: BaseException, limit: int = 200) -> str:
+  """`TypeName: first line of the message` (at most `limit` characters of it), or the type's
+  name alone for an empty message: how another library's error is quoted inside ours."""
+  text = str(e).strip()
+  return f'{type(e).__name__}: {text.splitlines()[0][:limit]}' if text else type(e).__name__

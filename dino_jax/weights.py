@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx, serialization
 
 from dino_jax import checkpointing, config_file, models, paths
-from dino_jax.errors import DinoJaxError
+from dino_jax.errors import DinoJaxError, error_line
 from dino_jax.models import DINOHead, VARIANTS, ViT, ViTConfig
 
 FORMAT = 'dino_jax.weights/1'
@@ -58,11 +58,6 @@ class Weights(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers shared with convert.py
-
-def error_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return f'{type(e).__name__}: {text.splitlines()[0][:200]}' if text else type(e).__name__
-
 
 def check_regular(path) -> None:
   """A FIFO, socket or device is refused unopened (reading a FIFO would block forever)."""
@@ -187,8 +182,7 @@ def check_tensors(loaded: dict, expected: dict, what: str) -> None:
   (arrays) has exactly the tensors of `expected` (arrays or ShapeDtypeStructs), each with its
   shape and a floating dtype. Both are {dotted name: leaf} dicts or nested dicts."""
   loaded, expected = flat(loaded), flat(expected)
-  missing = sorted(set(expected) - set(loaded))
-  extra = sorted(set(loaded) - set(expected))
+  missing, extra = checkpointing.key_diff(loaded, expected)
   listed = lambda names: ', '.join(repr(n) for n in names[:3]) + (
       f' and {len(names) - 3} more' if len(names) > 3 else '')
   mismatch = checkpointing.CheckpointMismatchError
@@ -402,7 +396,6 @@ def _read_msgpack(path: str) -> Weights:
     raise ModelFileError(f'{path}: damaged dino_jax export (no parameter tree)')
   ref = abstract_params(lambda: ViT(vit, rngs=nnx.Rngs(0)))
   what = f'{path} (against the model of its own config)'
-  # by tensor name first (missing, unexpected, shape), then the tree as nnx.merge needs it
-  check_tensors(params, ref, what)
-  checkpointing.check_fits(params, ref, what)
-  return Weights(vit, params, config=saved)
+  check_tensors(params, ref, what)  # by tensor name: missing, unexpected, shape, dtype
+  # the tree as nnx.merge needs it, rebuilt from the checked names as read_file does
+  return Weights(vit, unflat(flat(params)), config=saved)

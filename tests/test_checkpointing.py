@@ -353,3 +353,50 @@ def test_check_fits_names_the_first_misfit():
   with pytest.raises(checkpointing.CheckpointMismatchError,
                      match='F: the parameter tree does not fit the model'):
     checkpointing.check_fits({'a': np.ones((2, 3))}, model, 'F')
+
+
+def _one_checkpoint(workdir):
+  """A workdir with one small checkpoint at step 1: (abstract state, config)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  state = {'a': np.arange(20000, dtype=np.float32), 'b': np.ones((30, 40), np.float32)}
+  state = jax.tree.map(jax.numpy.asarray, state)
+  config = ml_collections.ConfigDict({'model': {'arch': 'x'}, 'keep_checkpoints': 3,
+                                      'keep_checkpoint_every': 0})
+  mngr = checkpointing.manager(workdir)
+  checkpointing.save(mngr, 1, state, config, {'next_step': 1})
+  mngr.wait_until_finished()
+  mngr.close()
+  return checkpointing.abstract_with_shardings(state), config
+
+
+def test_a_bug_in_the_checks_propagates_and_sets_nothing_aside(tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'w')
+  abstract, config = _one_checkpoint(workdir)
+
+  def buggy(*args, **kwargs):
+    raise TypeError('a bug in our own check')
+  monkeypatch.setattr(checkpointing, 'check_structure', buggy)
+  mngr = checkpointing.manager(workdir)
+  with pytest.raises(TypeError, match='a bug in our own check'):
+    checkpointing.restore_latest(workdir, mngr, abstract, config)
+  mngr.close()
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1']
+
+
+def test_a_truncated_array_file_is_damage_and_set_aside(tmp_path, capsys):
+  workdir = str(tmp_path / 'w')
+  abstract, config = _one_checkpoint(workdir)
+  state_dir = os.path.join(workdir, 'checkpoints', '1', 'state')
+  files = [os.path.join(r, f) for r, _, fs in os.walk(state_dir) for f in fs]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, 'r+b') as f:
+    f.truncate(os.path.getsize(largest) // 2)
+  mngr = checkpointing.manager(workdir)
+  restored, mngr = checkpointing.restore_latest(workdir, mngr, abstract, config)
+  mngr.close()
+  assert restored is None and 'checkpoint 1' in capsys.readouterr().out
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1.damaged']
+  assert checkpointing.is_damage(json.JSONDecodeError('x', '', 0))
+  assert checkpointing.is_damage(checkpointing.DamagedCheckpointError('checksum mismatch'))
+  assert not checkpointing.is_damage(TypeError('bug'))
+  assert not checkpointing.is_damage(AttributeError('bug'))
