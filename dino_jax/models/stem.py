@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dino_jax.models.ffn import gelu
+
 STEMS = ('patch', 'conv')
 LN_EPS = 1e-6
 
@@ -57,7 +59,7 @@ class ConvStem(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for conv, norm in zip(self.convs, self.norms):
-      x = jax.nn.gelu(norm(conv(x)), approximate=False)
+      x = gelu(norm(conv(x)))  # exact GELU, written as the ViT's MLP writes it
     return self.proj(x)
 
 
