@@ -154,12 +154,7 @@ def validate(config, n_devices: int | None = None) -> None:
          f'must be positive, got {config.keep_checkpoints}')
   _check(config.keep_checkpoint_every >= 0, 'keep_checkpoint_every',
          f'must be >= 0, got {config.keep_checkpoint_every}')
-  remote_dir = paths.is_remote(config.init_from) and not config.init_from.endswith('.safetensors')
-  _check(not config.init_from or remote_dir or os.path.isdir(config.init_from) or
-         (config.init_from.endswith('.safetensors') and os.path.isfile(config.init_from)),
-         'init_from', f'{config.init_from!r} is neither a directory (a workdir or '
-         f'WORKDIR/checkpoints/<step>, local or gs://) nor a local .safetensors file from '
-         f'dino_jax.convert')
+  _check_init_from(config.init_from, 'init_from')
   _validate_dinov3(config)
   w = config.watchdog
   _check(0 < w.margin < 0.5, 'watchdog.margin', f'must be in (0, 0.5), got {w.margin}')
@@ -183,6 +178,16 @@ def _weight_schedule(schedule, field: str) -> None:
     _check(all(v >= 0 for v in schedule), field, f'{tuple(schedule)} has a negative entry')
 
 
+def _check_init_from(path: str, field: str) -> None:
+  """An init_from field: empty, a workdir or step directory (local or gs://), or a local
+  .safetensors model file."""
+  remote_dir = paths.is_remote(path) and not path.endswith('.safetensors')
+  _check(not path or remote_dir or os.path.isdir(path) or
+         (path.endswith('.safetensors') and os.path.isfile(path)),
+         field, f'{path!r} is neither a directory (a workdir or WORKDIR/checkpoints/<step>, '
+         f'local or gs://) nor a local .safetensors file from dino_jax.convert')
+
+
 def _validate_dinov3(config) -> None:
   """The DINOv3 fields: the local-crop DINO weight and Gram anchoring (config.gram)."""
   l, g = config.loss, config.gram
@@ -199,12 +204,7 @@ def _validate_dinov3(config) -> None:
          f'(set 0)')
   _check(not (g.ema_teacher and g.init_from), 'gram.init_from',
          'with gram.ema_teacher there is no Gram teacher to load (set one of the two)')
-  remote = paths.is_remote(g.init_from) and not g.init_from.endswith('.safetensors')
-  _check(not g.init_from or remote or os.path.isdir(g.init_from) or
-         (g.init_from.endswith('.safetensors') and os.path.isfile(g.init_from)),
-         'gram.init_from', f'{g.init_from!r} is neither a directory (a workdir or '
-         f'WORKDIR/checkpoints/<step>, local or gs://) nor a local .safetensors file from '
-         f'dino_jax.convert')
+  _check_init_from(g.init_from, 'gram.init_from')
   _check(g.load_ema_at >= -1, 'gram.load_ema_at', f'must be a step or -1 (never), got '
          f'{g.load_ema_at}')
   _check(g.update_every > 0, 'gram.update_every', f'must be positive, got {g.update_every}')
