@@ -45,6 +45,7 @@ class Run:
   state_shardings: object
   step_fn: Callable
   feature_fn: Callable  # (teacher params, canvas, hw) -> L2-normalised CLS, for evaluators
+  norms_fn: Callable  # state -> {param_norm, teacher_param_norm}, at the steps that read them
 
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Run:
@@ -79,8 +80,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   feature_fn = features_lib.make_feature_fn(teacher_def, size=config.crops.global_size,
                                             crop_fraction=config.crops.eval_crop_fraction,
                                             dtype=dtype)
+  norms_fn = jax.jit(train_step_lib.param_norms, out_shardings=sharding.replicated(mesh))
   return Run(config, mesh, train_source, test_source, schedules, student_def, teacher_def,
-             init_fn, state_shardings, step_fn, feature_fn)
+             init_fn, state_shardings, step_fn, feature_fn, norms_fn)
 
 
 def init_state(run: Run):
@@ -275,11 +277,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
     checked = -1  # the last step whose metrics passed check_sane
 
+    def fetch():  # the step's metrics and the parameter norms of the state it produced
+      return train_step_lib.with_norms(jax.device_get(metrics),
+                                       jax.device_get(run.norms_fn(state)))
+
     def check(step, fetched=None):
       nonlocal checked
       if step != checked:
-        check_sane(step, jax.device_get(metrics) if fetched is None else fetched,
-                   reference_norm, config.max_param_growth)
+        check_sane(step, fetch() if fetched is None else fetched, reference_norm,
+                   config.max_param_growth)
         checked = step
 
     for step in range(start, total):
@@ -289,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       state, metrics = step_fn(state, batch)
       done = step + 1
       if done % config.log_every == 0 or done == total:
-        m = jax.device_get(metrics)
+        m = fetch()
         check(done, m)
         now = time.time()
         m['img_per_s'] = (done - last_logged) * config.batch_size / max(now - t_last, 1e-9)

@@ -98,8 +98,6 @@ def make(student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.Gradien
       terms['masked_fraction'] = jnp.mean(masks)
 
     metrics = {'loss': total, **terms, 'grad_norm': optax.global_norm(grads),
-               'param_norm': optax.global_norm(params),
-               'teacher_param_norm': optax.global_norm(teacher_params),
                **schedules.values(state.step),
                'last_layer_grad_norm': optax.global_norm(grads['head']['last_layer']),
                **targets.dino.stats, **stats,
@@ -114,6 +112,19 @@ def make(student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.Gradien
     return new_state, metrics
 
   return step
+
+
+def param_norms(state: TrainState) -> dict:
+  """The student's and the teacher's parameter norms after a step: read only where the loop
+  logs or checks a step (train.py), so computed there on the new state, not in every step."""
+  return {'param_norm': optax.global_norm(state.params),
+          'teacher_param_norm': optax.global_norm(state.teacher_params)}
+
+
+def with_norms(metrics: dict, norms: dict) -> dict:
+  """The step's metrics and `norms` in one dict, keys sorted as a jitted function returns a
+  dict (so metrics.jsonl lists them as when the step computed the norms itself)."""
+  return dict(sorted({**metrics, **norms}.items()))
 
 
 def jit(step_fn, state_shardings, batch_sharding, replicated):
