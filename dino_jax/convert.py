@@ -5,8 +5,10 @@ Reads (never unpickling arbitrary objects): DINO v1 hub backbones (`dino_deitsma
 backbones with or without registers (S/B/L/g, patch 14), DINOv2 training checkpoints with
 chunked blocks (`blocks.<chunk>.<i>.`), the Hugging Face transformers layout of DINOv2 and
 DINOv2 with registers (`model.safetensors`, `pytorch_model.bin`; convert_hf.py holds its
-names), and `.safetensors` files of any of these layouts. The layout is detected from the keys;
-the architecture is inferred from the weights unless given; every key and shape is checked.
+names), the released DINOv3 ViTs in the official and the transformers layout
+(convert_dinov3.py: names, architecture, buffer checks), and `.safetensors` files of any of
+these layouts. The layout is detected from the keys; the architecture is inferred from the
+weights unless given; every key and shape is checked.
 
 Writes: our model file (dino_jax/weights.py: `.safetensors`, Flax parameter paths, the
 architecture as metadata) that `dino_jax.load_model` and `load` turn into a ready Flax module,
@@ -17,6 +19,7 @@ reading; model files are weights.py's.
   python -m dino_jax.convert import dino_deitsmall16_pretrain.pth vits16.safetensors
   python -m dino_jax.convert import dino_vitbase16_pretrain_full_checkpoint.pth b16.safetensors --key student
   python -m dino_jax.convert import dinov2-small/model.safetensors dinov2_vits14.safetensors
+  python -m dino_jax.convert import dinov3_vits16_pretrain_lvd1689m-08c60483.pth v3s16.safetensors
   python -m dino_jax.convert export vits16.safetensors vits16_official.pth
   python -m dino_jax.convert export vits14.safetensors model.safetensors --layout hf
   python -m dino_jax.convert export WORKDIR teacher.safetensors   # a dino_jax training run
@@ -34,7 +37,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dino_jax import convert_hf, paths, weights
+from dino_jax import convert_dinov3, convert_hf, paths, weights
 from dino_jax.errors import DinoJaxError
 from dino_jax.models import ViT, ViTConfig
 from dino_jax.weights import HeadConfig, Weights, flat, unflat
@@ -221,18 +224,19 @@ def torch_key(flax_name: str, head_nlayers: int = 3) -> tuple[str, str]:
 
 
 def _to_torch_layout(x: np.ndarray, layout: str) -> np.ndarray:
-  return {'same': lambda a: a, 'linear': lambda a: a.T,
+  return {'same': lambda a: a, 'linear': lambda a: a.T, 'token3': lambda a: a[:, None],
           'conv': lambda a: a.transpose(3, 2, 0, 1)}[layout](np.asarray(x))
 
 
 def _from_torch_layout(x: np.ndarray, layout: str) -> np.ndarray:
-  return {'same': lambda a: a, 'linear': lambda a: a.T,
+  return {'same': lambda a: a, 'linear': lambda a: a.T, 'token3': lambda a: a[:, 0],
           'conv': lambda a: a.transpose(2, 3, 1, 0)}[layout](np.asarray(x))
 
 
 def _torch_shape(shape, layout: str) -> tuple[int, ...]:
   s = tuple(shape)
-  return {'same': s, 'linear': s[::-1], 'conv': s[3:] + s[2:3] + s[:2]}[layout]
+  return {'same': s, 'linear': s[::-1], 'conv': s[3:] + s[2:3] + s[:2],
+          'token3': s[:1] + (1,) + s[1:]}[layout]
 
 
 def hf_key(flax_name: str, head_nlayers: int = 3) -> tuple[str | tuple[str, ...], str]:
@@ -250,7 +254,7 @@ def _import(sd: dict, abstract: dict, prefix: str, head_nlayers: int = 3,
             key_of=torch_key) -> tuple[dict, set]:
   """Flax params shaped like `abstract` from the state_dict (official keys, or those of
   `key_of`); returns (params, keys used). A missing key or a shape mismatch raises naming the
-  key and both shapes."""
+  key and both shapes; a None part of a split key is one the layout does not store: zeros."""
   out, used = {}, set()
   for name, leaf in flat(abstract).items():
     key, layout = key_of(prefix + name, head_nlayers)
@@ -258,6 +262,8 @@ def _import(sd: dict, abstract: dict, prefix: str, head_nlayers: int = 3,
     whole = _torch_shape(leaf.shape, layout)
     want = (whole[0] // len(keys),) + whole[1:]  # each part of a split tensor
     for k in keys:
+      if k is None:
+        continue
       if k not in sd:
         raise CheckpointError(f'checkpoint has no {k!r}, which the model needs (shape '
                               f'{weights.shape_str(want)})')
@@ -265,9 +271,10 @@ def _import(sd: dict, abstract: dict, prefix: str, head_nlayers: int = 3,
         raise CheckpointError(f'shape mismatch for {k!r}: the checkpoint has '
                               f'{weights.shape_str(sd[k].shape)}, the model expects '
                               f'{weights.shape_str(want)}')
-    x = np.concatenate([sd[k] for k in keys]) if len(keys) > 1 else sd[key]
+    x = (np.concatenate([np.zeros(want, np.float32) if k is None else sd[k] for k in keys])
+         if len(keys) > 1 else sd[key])
     out[name] = np.ascontiguousarray(_from_torch_layout(x, layout), dtype=np.float32)
-    used.update(keys)
+    used.update(k for k in keys if k is not None)
   return unflat(out), used
 
 
@@ -294,7 +301,7 @@ def to_state_dict(backbone: dict, head: dict | None = None, head_nlayers: int = 
     key, layout = key_of(name, head_nlayers)
     x = _to_torch_layout(np.asarray(v, np.float32), layout)
     keys, parts = (key, np.split(x, len(key))) if isinstance(key, tuple) else ((key,), (x,))
-    out.update((k, np.ascontiguousarray(p)) for k, p in zip(keys, parts))
+    out.update((k, np.ascontiguousarray(p)) for k, p in zip(keys, parts) if k is not None)
   return out
 
 
@@ -310,7 +317,7 @@ def convert(path_or_obj, *, key: str = 'teacher', with_head: bool = True,
   obj = read_file(path_or_obj)
   try:
     return _convert(obj, key, with_head, vit_overrides)
-  except CheckpointError as e:
+  except (CheckpointError, convert_dinov3.DinoV3LayoutError) as e:
     raise CheckpointError(f'{e} (in {os.fspath(path_or_obj)})') from None
 
 
@@ -319,13 +326,21 @@ def _convert(obj, key: str, with_head: bool, vit_overrides: dict) -> Weights:
     raise CheckpointError(f'the checkpoint holds a {type(obj).__name__}, not a dict of '
                           f'tensors')
   raw, center = select(obj, key)
-  hf = convert_hf.is_hf(raw)  # the Hugging Face transformers layout: its names, no head
-  sd, ignored = (convert_hf.normalize_keys if hf else normalize_keys)(raw)
-  if hf:
-    for k in ('patch_embed.proj.weight', 'pos_embed'):
-      _need(sd, convert_hf.to_hf(k))
-  vit = infer_vit_config(convert_hf.official_view(sd) if hf else sd, **vit_overrides)
-  backbone, used = vit_from_state_dict(sd, vit, hf_key if hf else torch_key)
+  v3 = convert_dinov3.layout_of(raw)  # a DINOv3 ViT: 'official' | 'hf' | None (convert_dinov3)
+  hf = v3 is None and convert_hf.is_hf(raw)  # transformers' DINOv2 layout: its names, no head
+  sd, ignored = (convert_dinov3.normalize_hf if v3 == 'hf' else
+                 convert_hf.normalize_keys if hf else normalize_keys)(raw)
+  if v3:
+    vit = convert_dinov3.infer_vit_config(sd, v3, **vit_overrides)
+    sd = convert_dinov3.check_buffers(sd, vit, v3)  # RoPE periods, k-bias masks: not params
+    key_of = convert_dinov3.key_fn(vit, v3, torch_key)
+  else:
+    if hf:
+      for k in ('patch_embed.proj.weight', 'pos_embed'):
+        _need(sd, convert_hf.to_hf(k))
+    vit = infer_vit_config(convert_hf.official_view(sd) if hf else sd, **vit_overrides)
+    key_of = hf_key if hf else torch_key
+  backbone, used = vit_from_state_dict(sd, vit, key_of)
   hcfg = infer_head_config(sd) if with_head else None
   head = None
   if hcfg is not None:
@@ -350,13 +365,20 @@ def load(path: str | os.PathLike, dtype=np.float32) -> ViT:
 
 
 def export(backbone: dict, path: str | os.PathLike, head: dict | None = None,
-           head_nlayers: int = 3, layout: str = 'official') -> dict:
+           head_nlayers: int = 3, layout: str = 'official', vit: ViTConfig | None = None) -> dict:
   """Write Flax params in the official key layout (or layout='hf': transformers' Dinov2Model
   / Dinov2WithRegistersModel): .safetensors, or a .pth state_dict that the official ViT (the
-  HF model) loads with strict=True (backbone only, as the hub files). Returns it."""
-  if why := layout == 'hf' and convert_hf.cannot_hold(flat(backbone), head is not None):
+  HF model) loads with strict=True (backbone only, as the hub files). A RoPE `vit` (DINOv3):
+  its official layout with buffers, or transformers' DINOv3ViTModel. Returns it."""
+  extra, key_of = {}, {'official': torch_key, 'hf': hf_key}[layout]
+  if vit is None and 'patch_embed' in backbone and 'pos_embed' not in backbone:
+    raise ValueError('a model without pos_embed (DINOv3, RoPE): pass its ViTConfig as vit=')
+  if vit is not None and vit.pos_embed == 'rope':
+    backbone, extra = convert_dinov3.for_export(backbone, vit, layout, head is not None)
+    key_of = convert_dinov3.key_fn(vit, layout, torch_key)
+  elif why := layout == 'hf' and convert_hf.cannot_hold(flat(backbone), head is not None):
     raise ValueError(why)
-  sd = to_state_dict(backbone, head, head_nlayers, {'official': torch_key, 'hf': hf_key}[layout])
+  sd = {**to_state_dict(backbone, head, head_nlayers, key_of), **extra}
   path = os.fspath(path)
   if path.endswith('.safetensors'):
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
@@ -385,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
   imp.add_argument('--key', default='teacher', choices=('teacher', 'student'),
                    help='network to take from a full training checkpoint')
   imp.add_argument('--no-head', action='store_true', help='drop the projection head')
-  imp.add_argument('--heads', type=int, help='attention heads (default: width / 64)')
+  imp.add_argument('--heads', type=int, help='attention heads (default: width / 64; official '
+                   'DINOv3 files: from their RoPE periods)')
   exp = sub.add_parser('export', help='dino_jax model -> official layout (.pth/.safetensors)')
   exp.add_argument('src', help='a file written by `import`, or a dino_jax training workdir')
   exp.add_argument('dst', help='.pth (PyTorch state_dict) or .safetensors')
@@ -394,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also write the head as 'head.*' (DINO v1 full-checkpoint names)")
   exp.add_argument('--layout', default='official', choices=('official', 'hf'),
                    help='official (hub) keys, or hf: Hugging Face transformers Dinov2Model '
-                        '(/WithRegisters) keys')
+                        '(/WithRegisters) keys, DINOv3ViTModel keys for a DINOv3 model')
   args = parser.parse_args(argv)
   try:
     if args.cmd == 'import':
@@ -409,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
       is_workdir = paths.is_remote(args.src) or os.path.isdir(args.src)  # local or gs:// workdir
       c = weights.from_workdir(args.src, args.step) if is_workdir else weights.read_file(args.src)
       sd = export(c.backbone, args.dst, c.head if args.with_head else None,
-                  c.head_config.nlayers if c.head_config else 3, args.layout)
+                  c.head_config.nlayers if c.head_config else 3, args.layout, c.vit)
       print(f'{args.src} -> {args.dst}: {len(sd)} tensors in the {args.layout} layout')
   except (ValueError, ImportError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)

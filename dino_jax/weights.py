@@ -27,6 +27,7 @@ from flax import nnx, serialization
 from dino_jax import checkpointing, config_file, models, paths
 from dino_jax.errors import DinoJaxError, error_line
 from dino_jax.models import DINOHead, VARIANTS, ViT, ViTConfig
+from dino_jax.models.vit import VARIANT_FFNS
 
 FORMAT = 'dino_jax.weights/1'
 OLD_SAFETENSORS = 'dino_jax.convert/1'  # converted official weights, before exports joined
@@ -112,8 +113,18 @@ def shape_str(shape) -> str:
 # Architecture <-> modules and configs
 
 def arch_name(cfg: ViTConfig) -> str | None:
-  """The VARIANTS name of (width, depth, heads), if any."""
-  return next((n for n, v in VARIANTS.items() if v == (cfg.width, cfg.depth, cfg.heads)), None)
+  """The VARIANTS name of (width, depth, heads), if any; of two with those sizes (DINOv3 S and
+  S+, L and L+), the one whose VARIANT_FFNS entry is the model's FFN."""
+  names = [n for n, v in VARIANTS.items() if v == (cfg.width, cfg.depth, cfg.heads)]
+  ffn = (cfg.ffn, cfg.mlp_ratio, cfg.swiglu_align)
+  return next((n for n in names if VARIANT_FFNS.get(n) == ffn),
+              next((n for n in names if n not in VARIANT_FFNS), None))
+
+
+_DINOV3_FIELDS = ('pos_embed', 'rope_base', 'rope_min_period', 'rope_max_period', 'rope_normalize',
+                  'rope_shift', 'rope_jitter', 'rope_rescale', 'untie_cls_and_patch_norms',
+                  'untie_global_and_local_cls_norm', 'mask_k_bias', 'qkv_bias', 'ln_eps',
+                  'register_init_std')
 
 
 def model_fields(w: Weights) -> dict:
@@ -124,6 +135,8 @@ def model_fields(w: Weights) -> dict:
             'layerscale': v.layerscale, 'n_registers': v.n_registers, 'ffn': v.ffn,
             'mask_token': v.mask_token, 'interpolate_offset': v.interpolate_offset,
             'interpolate_antialias': v.interpolate_antialias}
+  if v.pos_embed == 'rope':  # DINOv3 (config.model names are ViTConfig's)
+    fields.update({k: getattr(v, k) for k in _DINOV3_FIELDS})
   if w.head_config is not None:
     h = w.head_config
     fields.update(out_dim=h.out_dim, head_hidden_dim=h.hidden_dim,
