@@ -13,7 +13,7 @@ from flax import nnx
 
 from conftest import REPO, shared_data
 from dino_jax import bench
-from dino_jax.models import vit
+from dino_jax.models import attention as attention_lib
 
 
 def test_dot_flops_counts_2mnk_through_jit_grad_and_scan():
@@ -38,8 +38,8 @@ def test_attention_is_counted_as_plain_products(monkeypatch):
   b, n, h, d = 2, 10, 3, 8
   q = jnp.ones((b, n, h, d))
   want = 2 * (2 * b * h * n * n * d)
-  assert bench._model_flops(lambda q: vit.fused_attention(q, q, q, 0.5), q) == want  # pylint: disable=protected-access
-  attn = vit.Attention(h * d, h, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  assert bench._model_flops(lambda q: attention_lib.fused_attention(q, q, q, 0.5), q) == want  # pylint: disable=protected-access
+  attn = attention_lib.Attention(h * d, h, dtype=jnp.float32, rngs=nnx.Rngs(0))
   x = jnp.ones((b, n, h * d))
   gd, params = nnx.split(attn)
   got = bench._model_flops(lambda p, x: nnx.merge(gd, p)(x)[0], params, x)  # pylint: disable=protected-access

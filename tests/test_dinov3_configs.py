@@ -42,6 +42,9 @@ def test_cpu_recipe_trains_two_steps(tmp_path, digits_npz):
       'data.source': f'npz:{digits_npz}', 'batch_size': 32, 'epochs': 1,
       'model.out_dim': 64, 'model.head_hidden_dim': 32, 'model.head_bottleneck_dim': 16,
       'crops.n_local': 2, 'log_every': 1, 'eval_every': 0, 'checkpoint_every': 1000,
+      # as tests/conftest.py's tiny config: 16 px crops with patch 4 compile in seconds
+      'data.canvas_size': 16, 'model.patch_size': 4, 'crops.global_size': 16,
+      'crops.local_size': 8,
       'gram.update_every': 1, 'knn.batch_size': 64})
   state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2  # 64 images / batch 32

@@ -9,6 +9,7 @@ from flax import nnx
 
 from dino_jax import models
 from dino_jax.models import head as head_lib
+from dino_jax.models import attention as attention_lib
 from dino_jax.models import vit as vit_lib
 
 
@@ -186,21 +187,21 @@ def test_padded_attention_equals_unpadded(n, multiple):
   and padded queries are dropped (checked here through XLA's kernel, the one CPUs have)."""
   q, k, v = jax.random.normal(jax.random.PRNGKey(n), (3, 2, n, 3, 16))
   ref = jax.nn.dot_product_attention(q, k, v, scale=0.25, implementation='xla')
-  out = vit_lib.padded_attention(q, k, v, 0.25, multiple, 'xla')
+  out = attention_lib.padded_attention(q, k, v, 0.25, multiple, 'xla')
   assert out.shape == ref.shape
   np.testing.assert_allclose(out, ref, atol=2e-6)
-  grad = jax.grad(lambda q: vit_lib.padded_attention(q, k, v, 0.25, multiple, 'xla').sum())(q)
+  grad = jax.grad(lambda q: attention_lib.padded_attention(q, k, v, 0.25, multiple, 'xla').sum())(q)
   np.testing.assert_allclose(grad, jax.grad(lambda q: jax.nn.dot_product_attention(
       q, k, v, scale=0.25).sum())(q), atol=2e-5)
 
 
 def test_attention_path_choice(monkeypatch):
-  assert vit_lib.attention_implementation(jnp.bfloat16) == 'xla'  # CPU: no cuDNN
+  assert attention_lib.attention_implementation(jnp.bfloat16) == 'xla'  # CPU: no cuDNN
   monkeypatch.setenv('DINO_JAX_ATTENTION', 'cudnn')
-  assert vit_lib.attention_implementation(jnp.float32) == 'cudnn'
+  assert attention_lib.attention_implementation(jnp.float32) == 'cudnn'
   monkeypatch.setenv('DINO_JAX_ATTENTION', 'flash')
   with pytest.raises(ValueError, match='DINO_JAX_ATTENTION'):
-    vit_lib.attention_implementation(jnp.float32)
+    attention_lib.attention_implementation(jnp.float32)
 
 
 def _picky_cudnn(monkeypatch, refuse):
@@ -231,8 +232,8 @@ def _picky_cudnn(monkeypatch, refuse):
     return attn(q, k, v, ql, kl)
 
   monkeypatch.setattr(jax.nn, 'dot_product_attention', fake)
-  monkeypatch.setattr(vit_lib, 'attention_implementation', lambda dtype: 'cudnn')
-  vit_lib._cudnn_padding.cache_clear()  # pylint: disable=protected-access
+  monkeypatch.setattr(attention_lib, 'attention_implementation', lambda dtype: 'cudnn')
+  attention_lib._cudnn_padding.cache_clear()  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize('wrap', ['plain', 'remat', 'scan'])
@@ -253,17 +254,17 @@ def test_cudnn_refusal_in_training_pads_or_falls_back(monkeypatch, wrap):
 
   want = grad_of(lambda q, k, v, s: jax.nn.dot_product_attention(q, k, v, scale=s))
   _picky_cudnn(monkeypatch, refuse=lambda n: n % 8 != 0)
-  np.testing.assert_allclose(grad_of(vit_lib.fused_attention), want, atol=1e-5)
-  assert vit_lib._cudnn_padding((2, 37, 2, 8), jnp.dtype(jnp.float32))[0] == 8  # pylint: disable=protected-access
+  np.testing.assert_allclose(grad_of(attention_lib.fused_attention), want, atol=1e-5)
+  assert attention_lib._cudnn_padding((2, 37, 2, 8), jnp.dtype(jnp.float32))[0] == 8  # pylint: disable=protected-access
   _picky_cudnn(monkeypatch, refuse=lambda n: True)
-  np.testing.assert_allclose(grad_of(vit_lib.fused_attention), want, atol=1e-5)
-  assert vit_lib._cudnn_padding((2, 37, 2, 8), jnp.dtype(jnp.float32))[0] is None  # pylint: disable=protected-access
+  np.testing.assert_allclose(grad_of(attention_lib.fused_attention), want, atol=1e-5)
+  assert attention_lib._cudnn_padding((2, 37, 2, 8), jnp.dtype(jnp.float32))[0] is None  # pylint: disable=protected-access
 
 
 def test_forced_cudnn_without_cudnn_is_a_clear_error(monkeypatch):
   monkeypatch.setenv('DINO_JAX_ATTENTION', 'cudnn')
-  vit_lib._cudnn_padding.cache_clear()  # pylint: disable=protected-access
+  attention_lib._cudnn_padding.cache_clear()  # pylint: disable=protected-access
   q = jnp.ones((1, 5, 1, 8), jnp.bfloat16)
   with pytest.raises(ValueError, match=r'DINO_JAX_ATTENTION=cudnn, but cuDNN takes no '
                                        r'attention over \(1, 5, 1, 8\) bfloat16'):
-    vit_lib.fused_attention(q, q, q, 0.5)
+    attention_lib.fused_attention(q, q, q, 0.5)

@@ -6,7 +6,8 @@ import numpy as np
 from flax import nnx
 
 from dino_jax import data, models, sharding, train
-from dino_jax.models.vit import Attention, ViT, ViTConfig
+from dino_jax.models.attention import Attention
+from dino_jax.models.vit import ViT, ViTConfig
 from conftest import tiny_config
 
 
