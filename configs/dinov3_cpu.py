@@ -14,15 +14,15 @@ axial RoPE (base 100, coordinates per axis) instead of the learned pos-embed, 4 
 epoch, then lr, weight decay 0.04 and momentum 0.99 constant), and Gram anchoring with weight
 0.5 against a Gram teacher that is the starting EMA teacher, refreshed from the EMA teacher
 every 50 steps (at 32 px, same size as the global crops: no 2x teacher resolution here).
-8 epochs of digits = 184 steps.
+20 epochs of digits = 460 steps.
 
-Measured here (digits, 2 shared cores; ~3 min of XLA compile, then ~2.3 s/step, ~10 min in
-all): loss 11.86 (step 20) -> 11.19 (step 184); dino 8.41 -> 8.28, ibot 3.23 -> 2.82, koleo
-1.17 -> 0.48, gram_loss 0.197 -> 0.094; teacher entropy 8.00 -> 8.15 (step 40) -> 7.91 (of
-ln 4096 = 8.32); teacher 20-NN top-1 48.5% at the end. The entropy is still near uniform at
-this length and the collapse watchdog warns once (steps 40-80); dinov2_cpu.py on the same 184
-steps stays higher (8.21 at the end), and cpu.py needs its 920 steps to reach ~4.6: for a
-real run add --config.epochs=40 (not measured with this recipe).
+Measured alone on the 2 cores (this command, 2026-12-02: 6 min of wall time, compile and three
+k-NN evaluations included, ~110 img/s): loss 11.86 (step 20) -> 8.26 (step 460); teacher
+entropy 8.00 (step 20) -> 8.10 (step 80) -> 7.55 (260) -> 6.04 (400) -> 5.23 at the end
+(0.63 x ln 4096 = 8.32: healthy, below 0.7 ln K); teacher 20-NN top-1 56.23% at step 230 and
+72.05% at the end (cpu.py: 69.70% after its 920 steps). The collapse watchdog warns once early
+(steps 40-80, entropy still at ~97% of ln K before the features spread) and then stays silent.
+A first 8-epoch version of this recipe (184 steps) ended at entropy 7.91 and 48.5%: too short.
 
 Mask token and RoPE: with RoPE a masked patch enters the first LayerNorm as the zero-init
 mask token, whose gradient is scaled by 1/sqrt(eps) (README). Per-module clipping (a global
@@ -38,7 +38,7 @@ from dino_jax import config_file
 
 def get_config():
   c = config_file.load(pathlib.Path(__file__).with_name('dinov2_cpu.py'))
-  c.epochs = 8
+  c.epochs = 20
   m = c.model
   m.pos_embed = 'rope'  # axial RoPE, base 100, coordinates per axis, as DINOv3
   m.rope_rescale = 0.0
