@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dino_jax import losses, masking, prototype_loss
-from dino_jax.models.pos_embed import torch_bicubic_aa_matrix, torch_bicubic_matrix
+from dino_jax.models.pos_embed import (torch_bicubic_aa_matrix, torch_bicubic_matrix,
+                                       torch_bilinear_matrix)
 from dino_jax.models.vit import ViTOutput
 
 
@@ -172,19 +173,11 @@ def teacher_targets(spec: Objective, teacher, out: ViTOutput, center, patch_cent
 def _resize_matrix(spec: GramSpec, n_in: int, n_out: int) -> np.ndarray:
   """(n_out, n_in) matrix of torch F.interpolate(size=n_out, align_corners=False) along one
   axis: bicubic (A = -0.75, border clamp; antialiased: PIL's widened A = -0.5 kernel) or
-  bilinear (source index clamped at 0, as torch does for linear modes)."""
+  bilinear (models/pos_embed.py)."""
   if spec.resize == 'bicubic':
     matrix = torch_bicubic_aa_matrix if spec.antialias else torch_bicubic_matrix
     return matrix(n_in, n_out, n_out / n_in)
-  m = np.zeros((n_out, n_in), np.float64)
-  for dst in range(n_out):
-    src = max((dst + 0.5) * n_in / n_out - 0.5, 0.0)
-    i0 = min(int(np.floor(src)), n_in - 1)
-    i1 = min(i0 + 1, n_in - 1)
-    frac = src - i0
-    m[dst, i0] += 1 - frac
-    m[dst, i1] += frac
-  return m
+  return torch_bilinear_matrix(n_in, n_out)
 
 
 def gram_targets(spec: GramSpec, patches: jax.Array, grid: int) -> jax.Array:

@@ -1,6 +1,7 @@
 """Positional-embedding resizing as the official models do it: PyTorch's bicubic (A=-0.75,
 border clamp, the +0.1 scale offset of DINO v1 / DINOv2) or its antialiased bicubic (DINOv2
-register models), written as two small resampling matrices."""
+register models), written as two small resampling matrices; the same matrices (and the
+bilinear one) resize the Gram teacher's feature maps (objective.gram_targets)."""
 from __future__ import annotations
 
 import math
@@ -31,6 +32,21 @@ def torch_bicubic_matrix(in_size: int, out_size: int, scale_factor: float) -> np
     for k in range(-1, 3):
       idx = min(max(base + k, 0), in_size - 1)
       m[dst, idx] += kernel(frac - k)
+  return m
+
+
+def torch_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) matrix of torch F.interpolate(size=out_size, mode='bilinear',
+  align_corners=False) along one axis: src = (dst + 0.5) * in / out - 0.5, clamped at 0 as
+  torch does for the linear modes."""
+  m = np.zeros((out_size, in_size), np.float64)
+  for dst in range(out_size):
+    src = max((dst + 0.5) * in_size / out_size - 0.5, 0.0)
+    i0 = min(int(np.floor(src)), in_size - 1)
+    i1 = min(i0 + 1, in_size - 1)
+    frac = src - i0
+    m[dst, i0] += 1 - frac
+    m[dst, i1] += frac
   return m
 
 
