@@ -6,13 +6,20 @@ q and k by axial RoPE, base 100, coordinates normalised to [-1, 1] per axis, and
 bias; LayerScale; MLP or SwiGLU; final LayerNorm eps 1e-5, an untied CLS norm where set), with
 the official key names and buffers and random weights. Its HF state_dict comes from a key
 mapping written in this test, independent of dino_jax/convert_dinov3.py. Tiny models (width 64,
-depth 2, patch 16) at 32x32 and 48x32 px.
+depth 4, patch 16) at the released models' 224x224 px (14x14 = 196 patches) and at 112x176 px
+(7x11: odd, non-square, so a transposed axis fails): CLS, storage and patch tokens and the last
+4 block outputs within 1e-5. The converted model runs under one jit per architecture and size;
+the reference outputs are computed once per model and size and shared by every file layout.
 """
+import functools
 import math
 import re
 
 import numpy as np
 import pytest
+
+import jax
+from flax import nnx
 
 from dino_jax import convert, convert_dinov3, weights
 from dino_jax.models import ViTConfig
@@ -21,7 +28,8 @@ torch = pytest.importorskip('torch', reason='the DINOv3 reference model is a PyT
 nn = torch.nn
 F = torch.nn.functional
 
-SIZES = ((32, 32), (48, 32))  # (H, W): 2x2 and 3x2 patch grids
+SIZES = ((224, 224), (112, 176))  # (H, W): 14x14 and 7x11 patch grids
+DEPTH, N_LAST = 4, 4  # parity on the last 4 block outputs, as DINOv3's evaluations take them
 # (heads, ffn, hidden, untied CLS norm, local CLS norm)
 MODELS = {'mlp_cls_norm': (4, 'mlp', 256, True, False),
           'swiglu_local_norm': (2, 'swiglu', 256, False, True)}
@@ -104,7 +112,7 @@ class RefViT(nn.Module):
     ang = torch.cat([ang, ang], -1)
     return torch.sin(ang), torch.cos(ang)
 
-  def forward(self, img, n_last=2):
+  def forward(self, img, n_last=N_LAST):
     b, _, h, w = img.shape
     x = self.patch_embed.proj(img).flatten(2).transpose(1, 2)
     prefix = 1 + self.storage_tokens.shape[1]
@@ -124,7 +132,8 @@ class RefViT(nn.Module):
 def reference(name, seed=0):
   heads, ffn, hidden, cls_norm, local = MODELS[name]
   torch.manual_seed(seed)
-  model = RefViT(heads=heads, ffn=ffn, hidden=hidden, cls_norm=cls_norm, local_cls_norm=local)
+  model = RefViT(depth=DEPTH, heads=heads, ffn=ffn, hidden=hidden, cls_norm=cls_norm,
+                 local_cls_norm=local)
   with torch.no_grad():
     for pname, p in model.named_parameters():
       base = 1.0 if pname.endswith('norm.weight') or re.search(r'norm\d?\.weight', pname) else 0.0
@@ -176,19 +185,39 @@ def save(sd, path):
     torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, path)
 
 
-def check_parity(model, w):
-  vit = weights.build_backbone(w)
-  for h, wd in SIZES:
-    img = np.random.default_rng(h).normal(size=(2, 3, h, wd)).astype(np.float32)
-    with torch.no_grad():
-      ref = [o.numpy() for o in model(torch.from_numpy(img))]
-    out = vit(img.transpose(0, 2, 3, 1), n_last=2)
-    r = 1 + w.vit.n_registers
-    np.testing.assert_allclose(out.cls, ref[-1][:, 0], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(out.registers, ref[-1][:, 1:r], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(out.patches, ref[-1][:, r:], atol=1e-5, rtol=0)
-    for ours, theirs in zip(out.intermediates, ref, strict=True):
-      np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+def image(size):
+  h, wd = size
+  return np.random.default_rng(h * 1000 + wd).normal(size=(2, 3, h, wd)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def reference_outputs(name, size):
+  """The reference's last N_LAST normed block outputs (B, T, D) at `size`, once per test run."""
+  with torch.no_grad():
+    return tuple(o.numpy() for o in reference(name)(torch.from_numpy(image(size))))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(graphdef, state, images):
+  """The converted backbone, jitted: one compile per (architecture, image size)."""
+  out = nnx.merge(graphdef, state)(images, n_last=N_LAST)
+  return out.cls, out.registers, out.patches, out.intermediates
+
+
+def check_parity(name, w):
+  graphdef, state = nnx.split(weights.build_backbone(w))
+  r = 1 + w.vit.n_registers
+  for size in SIZES:
+    ref = reference_outputs(name, size)
+    assert len(ref) == N_LAST and ref[-1].shape[1] == r + (size[0] // 16) * (size[1] // 16)
+    cls, registers, patches, inter = forward(graphdef, state, image(size).transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(cls, ref[-1][:, 0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(registers, ref[-1][:, 1:r], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(patches, ref[-1][:, r:], atol=1e-5, rtol=0)
+    assert len(inter) == N_LAST
+    for i, (ours, theirs) in enumerate(zip(inter, ref, strict=True)):
+      np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0,
+                                 err_msg=f'{size}: block output -{N_LAST - i}')
 
 
 @pytest.mark.parametrize('name', sorted(MODELS))
@@ -209,7 +238,7 @@ def test_official_and_hf_files_match_the_reference(name, tmp_path):
     assert w.vit.mask_k_bias and w.vit.ln_eps == 1e-5 and w.vit.rope_base == 100.0
     assert w.vit.untie_cls_and_patch_norms == cls_norm
     assert w.vit.untie_global_and_local_cls_norm == (local and layout == 'official')
-    check_parity(model, w)
+    check_parity(name, w)
     if first is None:
       first = w
     elif layout == 'official':  # .pth and .safetensors: the same params, bit for bit
