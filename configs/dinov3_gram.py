@@ -24,8 +24,8 @@ dense features (segmentation, the patch-similarity maps) stop degrading over lon
 with global (k-NN / linear) numbers about unchanged; watch gram_loss fall in metrics.jsonl.
 
 Official knobs we lack: gram.tokens_used (ours: all tokens, the official value) and
-gram.compute_stats (diagnostics only). High-resolution adaptation and distillation are not
-implemented, so there are no recipes for them.
+gram.compute_stats (diagnostics only). The next phase, high-resolution adaptation, is
+configs/dinov3_highres.py.
 """
 import pathlib
 

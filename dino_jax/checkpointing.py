@@ -32,7 +32,8 @@ ITEMS = ('state', 'data', 'config', 'checksums')
 # parameter shapes, the data order or the meaning of a step. Any other difference (lr, epochs,
 # logging, evaluation, mesh ...) is allowed and logged.
 RESUME_CRITICAL = ('model', 'batch_size', 'data.source', 'data.canvas_size', 'seed',
-                   'crops.global_size', 'crops.n_local', 'crops.local_size')
+                   'crops.global_size', 'crops.n_local', 'crops.local_size', 'crops.size_sets',
+                   'crops.size_set_ratios')
 
 
 class CheckpointMismatchError(DinoJaxError, ValueError):
@@ -216,8 +217,13 @@ def _flatten(d: dict, prefix: str = '') -> dict:
     if isinstance(v, dict):
       out.update(_flatten(v, f'{prefix}{k}.'))
     else:
-      out[f'{prefix}{k}'] = tuple(v) if isinstance(v, list) else v
+      out[f'{prefix}{k}'] = _tuples(v)
   return out
+
+
+def _tuples(v):
+  """Lists (a saved config's, nested too) as tuples, so they compare equal to the config's."""
+  return tuple(_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
 def config_diff(saved: dict, current: dict, fields=None) -> str:

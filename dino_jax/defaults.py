@@ -90,6 +90,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.crops.global2_solarize_p = 0.2
   c.crops.local_blur_p = 0.5
   c.crops.eval_crop_fraction = 0.875  # eval view: centre square of this fraction, resized
+  # DINOv3 high-resolution adaptation: several (global, local, Gram teacher) crop-size sets, one
+  # per step drawn with size_set_ratios (crops.global_crops_size, local_crops_size,
+  # gram_teacher_crops_size lists, global_local_crop_pairs_ratios); one compiled step per set.
+  # (): the one set (global_size, local_size, gram.teacher_size). A teacher size 0: the set's
+  # global size. global_size stays the model's nominal size (learned pos-embed) and eval size.
+  c.crops.size_sets = ()  # e.g. ((512, 112, 768), (768, 112, 1152), (768, 224, 1152))
+  c.crops.size_set_ratios = ()  # one weight per set, normalised; (): equal
 
   c.loss = ml_collections.ConfigDict()
   c.loss.student_temp = 0.1
@@ -145,6 +152,15 @@ def get_config() -> ml_collections.ConfigDict:
   # antialias (gram.global_teacher_resize_antialias)
   c.gram.resize = 'bicubic'
   c.gram.antialias = False
+
+  # DINOv3 distillation: a frozen teacher (its backbone, DINO head and iBOT head, in eval mode)
+  # gives the targets; the student (this config's model, with fresh heads) sees unmasked crops;
+  # the model kept (teacher_params, evaluated and exported) is the EMA of the student.
+  c.distill = ml_collections.ConfigDict()
+  # the teacher: a workdir, WORKDIR/checkpoints/<step> (its EMA teacher), or a .safetensors
+  # model file with a run config and heads; its architecture is read from the run config saved
+  # with it (same model.patch_size, model.out_dim and iBOT prototypes as here); '': off
+  c.distill.teacher = ''
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 5e-4  # peak lr at the reference batch, after warmup

@@ -78,14 +78,14 @@ def initialize(mode: str) -> bool:
   return True
 
 
-def compile_on_all(fn, *args, timeout_s: int = 3600):
-  """With several processes: compile the jitted `fn` for `args` ahead of time, then wait until
-  every process has (a coordination-service barrier). JAX's CPU collectives (gloo) give a peer
-  only 30 s to join the first collective, less than a slow compile on a busy host. Returns
-  what to call instead of `fn`; with one process, `fn` itself."""
+def compile_on_all(fns, *args, timeout_s: int = 3600) -> list:
+  """With several processes: compile each jitted function of `fns` for `args` ahead of time,
+  then wait until every process has (a coordination-service barrier). JAX's CPU collectives
+  (gloo) give a peer only 30 s to join the first collective, less than a slow compile on a busy
+  host. Returns what to call instead of `fns`; with one process, `fns` themselves."""
   if jax.process_count() == 1:
-    return fn
-  compiled = fn.lower(*args).compile()
+    return list(fns)
+  compiled = [fn.lower(*args).compile() for fn in fns]
   from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
   jax_distributed.global_state.client.wait_at_barrier('dino_jax_compiled', timeout_s * 1000)
   return compiled

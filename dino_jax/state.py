@@ -27,6 +27,14 @@ class GramTrainState(TrainState):
   gram_params: Any  # Gram teacher backbone params (the teacher's 'backbone' structure)
 
 
+@struct.dataclass
+class DistillTrainState(TrainState):
+  """The TrainState of a DINOv3 distillation run: also the frozen teacher's params (its
+  network's {'backbone', 'head'[, 'ibot_head']}), never updated; teacher_params stays the EMA
+  of the student (a run without distillation keeps the plain TrainState)."""
+  distill_params: Any
+
+
 def pure_params(module: nnx.Module) -> dict:
   """The module's nnx.Param leaves as a plain nested dict of arrays."""
   return nnx.state(module, nnx.Param).to_pure_dict()
@@ -34,10 +42,12 @@ def pure_params(module: nnx.Module) -> dict:
 
 def create(student: nnx.Module, tx: optax.GradientTransformation, out_dim: int,
            rng: jax.Array, patch_out_dim: int | None = None,
-           gram_teacher: bool = False) -> TrainState:
+           gram_teacher: bool = False, distill_params: Any = None) -> TrainState:
   """A fresh state: the teacher an exact copy of the student; with gram_teacher, a
   GramTrainState whose Gram teacher is one more copy of the backbone (train.py replaces it
-  with config.gram.init_from's weights, or the EMA teacher the run starts from)."""
+  with config.gram.init_from's weights, or the EMA teacher the run starts from); with
+  distill_params (the frozen teacher's params, placeholders train.py replaces), a
+  DistillTrainState."""
   params = pure_params(student)
   fields = dict(
       step=jnp.zeros([], jnp.int32),
@@ -49,4 +59,6 @@ def create(student: nnx.Module, tx: optax.GradientTransformation, out_dim: int,
       rng=rng)
   if gram_teacher:
     return GramTrainState(**fields, gram_params=jax.tree.map(jnp.copy, params['backbone']))
+  if distill_params is not None:
+    return DistillTrainState(**fields, distill_params=distill_params)
   return TrainState(**fields)

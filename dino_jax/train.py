@@ -14,8 +14,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dino_jax import attention_log, augment, checkpointing, data, distributed, evaluators, models
-from dino_jax import objective, optim, paths, sharding
+from dino_jax import attention_log, augment, checkpointing, data, distill, distributed, evaluators
+from dino_jax import models
+from dino_jax import objective, optim, paths, resolution, sharding
 from dino_jax import state as state_lib
 from dino_jax import watchdog as watchdog_lib
 from dino_jax import train_step as train_step_lib
@@ -43,9 +44,19 @@ class Run:
   teacher_def: nnx.GraphDef
   init_fn: Callable
   state_shardings: object
-  step_fn: Callable
+  step_fns: tuple[Callable, ...]  # one compiled step per crop-size set (resolution.py)
+  size_set_at: Callable[[int], int]  # step -> the index of its set in step_fns
   feature_fn: Callable  # (teacher params, canvas, hw) -> L2-normalised CLS, for evaluators
   norms_fn: Callable  # state -> {param_norm, teacher_param_norm}, at the steps that read them
+
+  @property
+  def step_fn(self) -> Callable:
+    """The step of the first (without crops.size_sets: the only) crop-size set."""
+    return self.step_fns[0]
+
+  def step_for(self, step: int) -> Callable:
+    """The compiled step that update number `step` runs."""
+    return self.step_fns[self.size_set_at(step)]
 
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Run:
@@ -62,27 +73,43 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   student_def, abstract_params = nnx.split(nnx.eval_shape(lambda: models.build(config)))
   teacher_def, _ = nnx.split(nnx.eval_shape(lambda: models.build(config, teacher=True)))
   tx = optim.make(config, schedules, abstract_params.to_pure_dict())
-  loss = objective.Objective.from_config(config)
+  loss = objective.Objective.from_config(config)  # its gram_teacher is the same in every set
+  distill_def = distill_abstract = None
+  if config.get('distill', {}).get('teacher'):  # its architecture from the run config saved with it
+    distill_def, distill_abstract = distill.network(
+        distill.teacher_config(config.distill.teacher)[0], dtype)
 
   def init_fn():
     student = models.build(config, seed=config.seed)
     return state_lib.create(student, tx, config.model.out_dim,
                             jax.random.PRNGKey(config.seed + 1), models.patch_out_dim(config),
-                            gram_teacher=loss.gram_teacher)
+                            gram_teacher=loss.gram_teacher,
+                            distill_params=(distill.placeholder(distill_abstract)
+                                            if distill_def is not None else None))
 
   state_shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_fn),
                                             config.mesh.min_shard_size)
-  step = train_step_lib.make(student_def, teacher_def, tx, schedules,
-                             augment.AugmentConfig.from_config(config), dtype=dtype,
-                             loss=loss, crop_sharding=sharding.batch_sharding(mesh))
-  step_fn = train_step_lib.jit(step, state_shardings, sharding.batch_sharding(mesh),
-                               sharding.replicated(mesh))
+  def compiled_step(set_config):  # crop sizes, iBOT mask grid, Gram teacher size of one set
+    step = train_step_lib.make(student_def, teacher_def, tx, schedules,
+                               augment.AugmentConfig.from_config(set_config), dtype=dtype,
+                               loss=objective.Objective.from_config(set_config),
+                               crop_sharding=sharding.batch_sharding(mesh),
+                               distill_def=distill_def)
+    return train_step_lib.jit(step, state_shardings, sharding.batch_sharding(mesh),
+                              sharding.replicated(mesh))
+
+  if config.crops.size_sets:
+    step_fns = tuple(compiled_step(resolution.set_config(config, s))
+                     for s in resolution.size_sets(config))
+  else:
+    step_fns = (compiled_step(config),)
   feature_fn = features_lib.make_feature_fn(teacher_def, size=config.crops.global_size,
                                             crop_fraction=config.crops.eval_crop_fraction,
                                             dtype=dtype)
   norms_fn = jax.jit(train_step_lib.param_norms, out_shardings=sharding.replicated(mesh))
   return Run(config, mesh, train_source, test_source, schedules, student_def, teacher_def,
-             init_fn, state_shardings, step_fn, feature_fn, norms_fn)
+             init_fn, state_shardings, step_fns, resolution.Sampler.from_config(config),
+             feature_fn, norms_fn)
 
 
 def init_state(run: Run):
@@ -166,6 +193,10 @@ def _start_state(run: Run, workdir: str, mngr):
           flush=True)
   if isinstance(state, state_lib.GramTrainState):
     state = _init_gram_teacher(state, config.gram.init_from)
+  if isinstance(state, state_lib.DistillTrainState):
+    params, where = distill.load(config.distill.teacher, state.distill_params)
+    state = state.replace(distill_params=params)
+    print(f'dino_jax: distilling from the frozen teacher {where}', flush=True)
   return state, None, mngr
 
 
@@ -272,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     metrics = None
     # the student's parameter norm where this run starts (init or the restored checkpoint)
     reference_norm = float(jax.jit(optax.global_norm)(state.params))
-    step_fn = run.step_fn
+    step_fns = list(run.step_fns)
     preemption = checkpointing.PreemptionWatch()  # from here SIGTERM saves at a step boundary
 
     checked = -1  # the last step whose metrics passed check_sane
@@ -290,9 +321,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
     for step in range(start, total):
       batch = sharding.to_global(next(batches), run.mesh)
-      if step == start:  # multi-host: every process compiled before any runs the step
-        step_fn = distributed.compile_on_all(run.step_fn, state, batch)
-      state, metrics = step_fn(state, batch)
+      if step == start:  # multi-host: every process compiled every step before any runs one
+        step_fns = distributed.compile_on_all(run.step_fns, state, batch)
+      state, metrics = step_fns[run.size_set_at(step)](state, batch)
       done = step + 1
       if done % config.log_every == 0 or done == total:
         m = fetch()

@@ -14,6 +14,11 @@ patch tokens resized to the student's grid are the Gram targets (or, with gram.e
 the EMA teacher's own patch tokens are); at the end of the update, on the steps
 schedules.gram_refresh names, the new EMA teacher's backbone is copied into the Gram teacher.
 Scheduled loss weights (schedules.loss_weights) reach the objective as Inputs.weights.
+
+DINOv3 distillation (config.distill, distill_def): a frozen teacher of its own architecture
+(state.distill_params, never updated) gives the targets on the global crops; the student's
+backbone sees no masked input, while the iBOT term is still computed at the sampled mask
+positions of its unmasked patch tokens; teacher_params stays the EMA of the student.
 """
 from __future__ import annotations
 
@@ -31,8 +36,13 @@ from dino_jax.state import TrainState
 
 def make(student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.GradientTransformation,
          schedules: Schedules, aug: augment.AugmentConfig, *, dtype, loss: objective.Objective,
-         crop_sharding=None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+         crop_sharding=None, distill_def: nnx.GraphDef | None = None
+         ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The un-jitted step function; see `jit` for the compiled, sharded version.
+
+  distill_def: DINOv3 distillation's frozen teacher network (state.distill_params are its
+  params): it gives the targets instead of the EMA teacher, and the student sees unmasked
+  global crops (the iBOT term still reads the sampled masked positions).
 
   crop_sharding: a batch sharding the crops are constrained to, so every device runs the
   networks on its own rows whatever layout the crop-major concatenation got.
@@ -58,7 +68,8 @@ def make(student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.Gradien
       masks = masking.batch_masks(k_mask, n_img, loss.mask)
       masked = objective.Masked(*masking.gather_masked(masks, loss.mask.upper_bound(n_img)))
 
-    teacher = nnx.merge(teacher_def, state.teacher_params)
+    teacher = (nnx.merge(teacher_def, state.teacher_params) if distill_def is None
+               else nnx.merge(distill_def, state.distill_params))
     t_out = teacher.backbone(global_crops)
     targets = objective.teacher_targets(loss, teacher, t_out, state.center, state.patch_center,
                                         temp, masked)
@@ -77,7 +88,8 @@ def make(student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.Gradien
 
     def loss_fn(params):
       student = nnx.merge(student_def, params)
-      g_out, cls = student.backbone_crops(global_crops, local_crops, k_drop, masks=masks,
+      g_out, cls = student.backbone_crops(global_crops, local_crops, k_drop,
+                                          masks=masks if distill_def is None else None,
                                           sharding=crop_sharding)
       total, terms, stats = objective.total(
           loss, objective.Inputs(student, g_out, cls, targets, masked, n_global, s_temp,

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 
-from dino_jax import evaluators, paths, sharding
+from dino_jax import distill, evaluators, paths, sharding
 from dino_jax.data import sources
-from dino_jax.errors import DinoJaxError
+from dino_jax.errors import DinoJaxError, error_line
 from dino_jax.objective import GRAM_RESIZES
 from dino_jax.schedules import LR_SCALING, SCHEDULES
 from dino_jax.models import FFNS, PATCH_SIZES, REMAT_POLICIES, VARIANTS, patch_out_dim
@@ -156,6 +156,8 @@ def validate(config, n_devices: int | None = None) -> None:
          f'must be >= 0, got {config.keep_checkpoint_every}')
   _check_init_from(config.init_from, 'init_from')
   _validate_dinov3(config)
+  _validate_distill(config)
+  _validate_size_sets(config)
   w = config.watchdog
   _check(0 < w.margin < 0.5, 'watchdog.margin', f'must be in (0, 0.5), got {w.margin}')
   _check(0 < w.low_margin < 0.5, 'watchdog.low_margin',
@@ -188,6 +190,34 @@ def _check_init_from(path: str, field: str) -> None:
          f'local or gs://) nor a local .safetensors file from dino_jax.convert')
 
 
+def _validate_distill(config) -> None:
+  """DINOv3 distillation (config.distill): the teacher is readable, has its heads, and its
+  patch size and DINO and iBOT prototypes are the student's (its run config says)."""
+  path, m = config.get('distill', {}).get('teacher', ''), config.model
+  if not path:
+    return
+  _check_init_from(path, 'distill.teacher')
+  _check(config.gram.weight == 0, 'distill.teacher',
+         'distillation with Gram anchoring is not supported: set gram.weight=0')
+  try:
+    teacher, refused = distill.teacher_config(path)
+  except Exception as e:  # pylint: disable=broad-except  # any unreadable teacher: one line
+    raise ConfigError(f'config.distill.teacher: cannot read the teacher {path!r} '
+                      f'({error_line(e)})') from None
+  _check(refused is None, 'distill.teacher', refused or '')
+  t = teacher.model
+  _check(t.patch_size == m.patch_size, 'model.patch_size',
+         f'{m.patch_size}, but the teacher {path} has patch size {t.patch_size}: distillation '
+         f'needs the same')
+  _check(t.out_dim == m.out_dim, 'model.out_dim',
+         f'{m.out_dim}, but the teacher {path} has {t.out_dim} DINO prototypes: distillation '
+         f'needs the same')
+  _check(patch_out_dim(teacher) == patch_out_dim(config), 'model.ibot_out_dim',
+         f'the student\'s iBOT head has {patch_out_dim(config)} prototypes (ibot_separate_head='
+         f'{m.ibot_separate_head}), the teacher {path}\'s {patch_out_dim(teacher)} '
+         f'(ibot_separate_head={t.ibot_separate_head}): distillation needs the same')
+
+
 def _validate_dinov3(config) -> None:
   """The DINOv3 fields: the local-crop DINO weight and Gram anchoring (config.gram)."""
   l, g = config.loss, config.gram
@@ -216,3 +246,32 @@ def _validate_dinov3(config) -> None:
   _check(g.resize in GRAM_RESIZES, 'gram.resize', f'{g.resize!r} is not one of {GRAM_RESIZES}')
   _check(not g.antialias or g.resize == 'bicubic', 'gram.antialias',
          "antialiased resizing is implemented for gram.resize='bicubic' only")
+
+
+def _validate_size_sets(config) -> None:
+  """DINOv3's crop-size sets (crops.size_sets, crops.size_set_ratios; resolution.py)."""
+  c, patch = config.crops, config.model.patch_size
+  sets, ratios = tuple(c.size_sets), tuple(c.size_set_ratios)
+  _check(not ratios or len(ratios) == len(sets), 'crops.size_set_ratios',
+         f'{len(ratios)} ratios for {len(sets)} crops.size_sets (give one per set, or none)')
+  for i, s in enumerate(sets):
+    _check(isinstance(s, (tuple, list)) and len(s) == 3 and
+           all(isinstance(v, int) and not isinstance(v, bool) for v in s), 'crops.size_sets',
+           f'set {i} is {s!r}, not (global size, local size, Gram teacher size) integers')
+    g, l, t = s
+    _check(g > 0 and g % patch == 0 and l > 0 and l % patch == 0, 'crops.size_sets',
+           f'set {i} {tuple(s)}: crop sizes must be positive multiples of '
+           f'model.patch_size={patch}')
+    _check(t >= 0 and t % patch == 0, 'crops.size_sets',
+           f'set {i} {tuple(s)}: the Gram teacher size must be 0 (the global size) or a '
+           f'positive multiple of model.patch_size={patch}')
+    _check(config.data.canvas_size >= g, 'data.canvas_size',
+           f'{config.data.canvas_size} is smaller than the global crop size {g} of '
+           f'crops.size_sets set {i}')
+    _check(not config.gram.ema_teacher or t in (0, g), 'crops.size_sets',
+           f'set {i} {tuple(s)}: with gram.ema_teacher the Gram targets are the global crops '
+           f'themselves (set the teacher size to 0)')
+  for r in ratios:
+    _check(isinstance(r, (int, float)) and not isinstance(r, bool) and r >= 0,
+           'crops.size_set_ratios', f'{r!r} is not a weight >= 0')
+  _check(not ratios or sum(ratios) > 0, 'crops.size_set_ratios', 'the weights sum to 0')

@@ -13,15 +13,32 @@ from dino_jax import config_file, train
 from dino_jax.models import dino, vit
 from dino_jax.validate import validate
 
-CONFIGS = ('dinov3_vitl16.py', 'dinov3_cpu.py', 'dinov3_gram.py')
+CONFIGS = ('dinov3_vitl16.py', 'dinov3_cpu.py', 'dinov3_gram.py', 'dinov3_highres.py')
 
 
 @pytest.mark.parametrize('name', CONFIGS)
 def test_config_loads_and_validates(name, tmp_path):
   config = config_file.load(REPO / 'configs' / name)
-  if name == 'dinov3_gram.py':  # the Gram phase needs a main-phase workdir: any dir will do
+  if name in ('dinov3_gram.py', 'dinov3_highres.py'):  # later phases need a workdir: any dir
     config.init_from = str(tmp_path)
   validate(config, n_devices=8 if config.batch_size % 8 == 0 else 1)
+
+
+def test_highres_recipe_has_the_official_size_sets():
+  from dino_jax import resolution  # pylint: disable=import-outside-toplevel
+  config = config_file.load(REPO / 'configs' / 'dinov3_highres.py')
+  sets = resolution.size_sets(config)
+  assert [(s.global_size, s.local_size, s.gram_teacher_size) for s in sets] == [
+      (512, 112, 768), (768, 112, 1152), (768, 160, 1152), (768, 224, 1152), (768, 336, 1152)]
+  np.testing.assert_allclose(resolution.ratios(config), [0.3, 0.3, 0.3, 0.05, 0.05])
+  # each set's config is the recipe at that set's sizes, and validates
+  for s in sets:
+    derived = resolution.set_config(config, s)
+    assert (derived.crops.global_size, derived.crops.local_size) == (s.global_size, s.local_size)
+    derived.init_from = '/'
+    validate(derived, n_devices=8)
+  assert (config.gram.rep_update, config.gram.weight, config.loss.dino_local_weight) == (
+      False, 1.5, 0.5)
 
 
 def test_vitl16_recipe_builds_the_official_backbone():

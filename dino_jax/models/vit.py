@@ -48,6 +48,7 @@ from dino_jax.models.pos_embed import (interpolate_pos_embed, torch_bicubic_aa_m
 
 # name -> (width, depth, heads). Head dim is 64 for the paper's models.
 VARIANTS: dict[str, tuple[int, int, int]] = {
+    'vit_nano': (48, 4, 3),  # the CPU distillation recipe's student (configs/dinov3_distill.py)
     'vit_pico': (96, 4, 3),  # CPU recipe: a few minutes per epoch of CIFAR on 2 cores
     'vit_tiny': (192, 12, 3),
     'vit_small': (384, 12, 6),
