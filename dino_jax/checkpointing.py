@@ -347,6 +347,14 @@ def key_diff(have, want) -> tuple[list[str], list[str]]:
   return sorted(set(want) - set(have)), sorted(set(have) - set(want))
 
 
+def put_fitting(loaded, current, what: str):
+  """`loaded` (arrays from a file) placed like `current` (the state's arrays or
+  ShapeDtypeStructs with shardings: each leaf's dtype and sharding), after check_fits."""
+  check_fits(loaded, current, what)
+  return jax.tree.map(lambda a, b: jax.device_put(np.asarray(b, a.dtype), a.sharding),
+                      current, loaded)
+
+
 def check_fits(loaded, model_tree, what: str) -> None:
   """Raise CheckpointMismatchError unless `loaded` (arrays from a file) has the tree structure
   and the shapes of `model_tree` (the model's arrays or ShapeDtypeStructs); `what` names the

@@ -6,7 +6,7 @@ backbone, the DINO head and the iBOT head when separate), or a .safetensors mode
 (dino_jax/weights.py) that carries its run config and heads. Its architecture always comes
 from the run config saved with it, never from the student's config. Official converted
 weights have neither heads nor a run config: distillation needs the teacher's DINO and iBOT
-heads, so they are refused. The step (train_step.py) runs the teacher in eval mode (no drop
+heads, so they are refused. Its network is weights.network of that config. The step (train_step.py) runs the teacher in eval mode (no drop
 path) on the global crops; nothing here updates it.
 """
 from __future__ import annotations
@@ -16,10 +16,8 @@ import json
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from flax import nnx
 
-from dino_jax import checkpointing, config_file, models, weights
+from dino_jax import checkpointing, config_file, weights
 
 NO_HEADS = ('distillation needs the teacher\'s DINO and iBOT heads, and {what}; give the '
             'teacher\'s workdir (or WORKDIR/checkpoints/<step>)')
@@ -47,24 +45,13 @@ def teacher_config(path: str) -> tuple[ml_collections.ConfigDict, str | None]:
   return config, None
 
 
-def network(config: ml_collections.ConfigDict, dtype) -> tuple[nnx.GraphDef, dict]:
-  """(graphdef, abstract params) of the teacher network its run config describes (eval mode:
-  no stochastic depth), computing in `dtype`."""
-  graphdef, abstract = nnx.split(nnx.eval_shape(
-      lambda: models.build(config, teacher=True, dtype=dtype)))
-  return graphdef, abstract.to_pure_dict()
-
-
 def load(path: str, current: dict) -> tuple[dict, str]:
   """(the teacher's params, where they came from), each placed like the leaf of `current`
   (the state's distill_params: arrays or ShapeDtypeStructs with shardings)."""
   if path.endswith('.safetensors'):
     w = weights.read_file(path)
-    new = {'backbone': w.backbone, 'head': w.head}
-    checkpointing.check_fits(new, current, f'config.distill.teacher: {path}')
-    params = jax.tree.map(lambda a, b: jax.device_put(np.asarray(b, a.dtype), a.sharding),
-                          current, new)
-    return params, path
+    return checkpointing.put_fitting({'backbone': w.backbone, 'head': w.head}, current,
+                                     f'config.distill.teacher: {path}'), path
   parts, step = checkpointing.restore_parts(
       path, {'teacher_params': checkpointing.abstract_with_shardings(current)})
   return parts['teacher_params'], f'{path} (step {step})'

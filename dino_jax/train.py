@@ -10,13 +10,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 
 from dino_jax import attention_log, augment, checkpointing, data, distill, distributed, evaluators
 from dino_jax import models
-from dino_jax import objective, optim, paths, resolution, sharding
+from dino_jax import objective, optim, paths, resolution, sharding, weights
 from dino_jax import state as state_lib
 from dino_jax import watchdog as watchdog_lib
 from dino_jax import train_step as train_step_lib
@@ -75,8 +74,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   tx = optim.make(config, schedules, abstract_params.to_pure_dict())
   loss = objective.Objective.from_config(config)  # its gram_teacher is the same in every set
   distill_def = distill_abstract = None
-  if config.get('distill', {}).get('teacher'):  # its architecture from the run config saved with it
-    distill_def, distill_abstract = distill.network(
+  if config.distill.teacher:  # its architecture from the run config saved with it
+    distill_def, distill_abstract = weights.network(
         distill.teacher_config(config.distill.teacher)[0], dtype)
 
   def init_fn():
@@ -98,11 +97,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
     return train_step_lib.jit(step, state_shardings, sharding.batch_sharding(mesh),
                               sharding.replicated(mesh))
 
-  if config.crops.size_sets:
-    step_fns = tuple(compiled_step(resolution.set_config(config, s))
-                     for s in resolution.size_sets(config))
-  else:
-    step_fns = (compiled_step(config),)
+  step_fns = tuple(compiled_step(resolution.set_config(config, s))
+                   for s in resolution.size_sets(config))
   feature_fn = features_lib.make_feature_fn(teacher_def, size=config.crops.global_size,
                                             crop_fraction=config.crops.eval_crop_fraction,
                                             dtype=dtype)
@@ -210,12 +206,9 @@ def _init_gram_teacher(state, path: str):
                    out_shardings=jax.tree.map(lambda x: x.sharding, state.gram_params))
     return state.replace(gram_params=copy(state.teacher_params['backbone']))
   if path.endswith('.safetensors'):
-    from dino_jax import weights  # pylint: disable=import-outside-toplevel
-    new = weights.read_file(path).backbone
-    checkpointing.check_fits(new, state.gram_params, f'config.gram.init_from: the backbone in '
-                                                     f'{path} (set model.* to match)')
-    gram = jax.tree.map(lambda a, b: jax.device_put(np.asarray(b, a.dtype), a.sharding),
-                        state.gram_params, new)
+    gram = checkpointing.put_fitting(
+        weights.read_file(path).backbone, state.gram_params,
+        f'config.gram.init_from: the backbone in {path} (set model.* to match)')
     where = path
   else:
     parts, step = checkpointing.restore_parts(
@@ -231,16 +224,14 @@ def _init_from_converted(state, path: str):
   """Student and teacher start from official weights converted by `python -m dino_jax.convert
   import` or another model file (dino_jax/weights.py: the backbone, and the head and center
   when the file has them and they fit)."""
-  from dino_jax import weights  # pylint: disable=import-outside-toplevel
   c = weights.read_file(path)
   parts = {'backbone': c.backbone}
   if c.head is not None:
     parts['head'] = c.head
   def put(current, new, name):
-    checkpointing.check_fits(new, current, f'config.init_from: the {name} in {path} (convert '
-                                           f'shows the architecture it read; set model.* to match)')
-    return jax.tree.map(lambda a, b: jax.device_put(np.asarray(b, a.dtype), a.sharding),
-                        current, new)
+    return checkpointing.put_fitting(new, current, f'config.init_from: the {name} in {path} '
+                                     f'(convert shows the architecture it read; set model.* to '
+                                     f'match)')
   student, teacher = dict(state.params), dict(state.teacher_params)
   for name, new in parts.items():
     student[name] = put(state.params[name], new, name)

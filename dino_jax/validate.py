@@ -193,7 +193,7 @@ def _check_init_from(path: str, field: str) -> None:
 def _validate_distill(config) -> None:
   """DINOv3 distillation (config.distill): the teacher is readable, has its heads, and its
   patch size and DINO and iBOT prototypes are the student's (its run config says)."""
-  path, m = config.get('distill', {}).get('teacher', ''), config.model
+  path, m = config.distill.teacher, config.model
   if not path:
     return
   _check_init_from(path, 'distill.teacher')

@@ -228,7 +228,7 @@ def expected_tensors(vit: ViTConfig, head: HeadConfig | None, center) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Training runs
 
-def _network(config: ml_collections.ConfigDict, dtype) -> tuple[nnx.GraphDef, dict]:
+def network(config: ml_collections.ConfigDict, dtype) -> tuple[nnx.GraphDef, dict]:
   """Graphdef and abstract params (ShapeDtypeStructs) of the teacher network of `config`."""
   graphdef, abstract = nnx.split(nnx.eval_shape(
       lambda: models.build(config, teacher=True, dtype=dtype)))
@@ -243,7 +243,7 @@ def from_workdir(path: str, step: int | None = None, which: str = 'teacher',
   do, and loads with the official evaluation view)."""
   saved, step = checkpointing.read_config(path, step)
   config = config_file.from_saved(saved)
-  _, abstract = _network(config, jnp.float32)
+  _, abstract = network(config, jnp.float32)
   key = {'teacher': 'teacher_params', 'student': 'params'}.get(which)
   if key is None:
     raise ValueError(f"which={which!r}: choose 'teacher' or 'student'")
@@ -274,10 +274,10 @@ def load_model(path: str, which: str = 'teacher', step: int | None = None, *,
     return build_backbone(w, jnp.dtype(dtype or config.dtype)), config
   saved, step = checkpointing.read_config(path, step)
   config = config_file.from_saved(saved)
-  graphdef, abstract = _network(config, dtype or config.dtype)
+  graphdef, abstract = network(config, dtype or config.dtype)
   params, _ = checkpointing.restore_params(path, abstract, which=which, step=step)
-  network = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
-  return (network if with_head else network.backbone), config
+  model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+  return (model if with_head else model.backbone), config
 
 
 def read_config(path: str, step: int | None = None) -> ml_collections.ConfigDict:
