@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   # vit_small_plus | vit_large_plus | vit_huge_plus | vit_7b
   c.model.arch = 'vit_small'
   c.model.patch_size = 16  # 4 | 8 | 14 | 16; crop sizes must be multiples of it
-  c.model.stem = 'patch'  # patch embedding: 'patch' (official) | 'conv' (3x3 stride-2 convs)
+  c.model.stem = 'patch'  # patch embedding: 'patch' (official) | 'conv' (3x3 stride-2 convs) | 'shifted'
   c.model.drop_path_rate = 0.1  # student stochastic depth (teacher: 0)
   c.model.drop_path_uniform = False  # same rate in all blocks (DINOv2) vs linspace(0, rate)
   # DINOv2 backbone options (these defaults are the DINO v1 ViT):

@@ -1,4 +1,4 @@
-"""Patch embeddings (models/stem.py): the official p x p patch conv and the 'conv' stem.
+"""Patch embeddings (models/stem.py): the official patch conv, the 'conv' and 'shifted' stems.
 
 The 'conv' stem is checked against its definition written here with lax convolutions:
 log2(p) stages of [3x3 conv stride 2 pad 1, LayerNorm over channels, exact GELU], then a 1x1
@@ -86,3 +86,47 @@ def test_build_passes_the_stem(config):
   config.model.stem = 'conv'
   validate.validate(config)
   assert isinstance(models.build(config).backbone.patch_embed, stem_lib.ConvStem)
+
+
+def reference_shifted_stem(params: dict, x: np.ndarray, p: int) -> np.ndarray:
+  """Shifted patch tokenization written pixel by pixel: token (r, c) holds, for every pixel
+  (i, j) of its patch, the 3 channels of x at (i, j) and at (i + dy, j + dx) for the four
+  half-patch diagonal shifts (zero outside the image); LayerNorm over the vector, then linear."""
+  b, h, w, ch = x.shape
+  s = p // 2
+  offsets = ((0, 0), (-s, -s), (-s, s), (s, -s), (s, s))
+  out = np.zeros((b, h // p, w // p, p * p * 5 * ch))
+  for n in range(b):
+    for r in range(h // p):
+      for c in range(w // p):
+        vec = []
+        for i in range(r * p, r * p + p):
+          for j in range(c * p, c * p + p):
+            for dy, dx in offsets:
+              inside = 0 <= i + dy < h and 0 <= j + dx < w
+              vec.extend(x[n, i + dy, j + dx] if inside else np.zeros(ch))
+        out[n, r, c] = vec
+  mu, var = out.mean(-1, keepdims=True), out.var(-1, keepdims=True)
+  out = (out - mu) / np.sqrt(var + 1e-6) * params['norm']['scale'] + params['norm']['bias']
+  return out @ params['proj']['kernel'] + params['proj']['bias']
+
+
+def test_shifted_stem_matches_its_definition():
+  model = stem_lib.ShiftedPatchStem(32, 4, dtype=jnp.float32, rngs=nnx.Rngs(5))
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (2, 16, 12, 3)))
+  params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+  got = np.asarray(model(jnp.asarray(x)))
+  assert got.shape == (2, 4, 3, 32)
+  np.testing.assert_allclose(got, reference_shifted_stem(params, x, 4), atol=1e-4, rtol=1e-4)
+
+
+def test_shifted_stem_feeds_the_same_token_grid(config):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  patch, shifted = tiny(), tiny(stem='shifted')
+  assert shifted(x).patches.shape == patch(x).patches.shape == (2, 16, 32)
+  crops = [x, x[:, :16, :16]]
+  for packed, single in zip(shifted.packed(crops), [shifted(c) for c in crops]):
+    np.testing.assert_allclose(packed.cls, single.cls, atol=1e-5)
+  config.model.stem = 'shifted'
+  validate.validate(config)
+  assert isinstance(models.build(config).backbone.patch_embed, stem_lib.ShiftedPatchStem)

@@ -9,6 +9,13 @@ LayerNorm over channels and a GELU, widths doubling up to the model width, then 
 convolution to the width. Same (B, H/p, W/p, D) grid as 'patch', so everything after the
 embedding (pos-embed, masking, registers, packing) is unchanged; each token is a nonlinear
 feature of its patch (and of a one-pixel-per-stage border around it) instead of a linear one.
+
+'shifted' (another small-data option; Lee et al. 2021, "Vision Transformer for Small-Size
+Datasets", shifted patch tokenization): the image and four copies shifted by half a patch
+along the diagonals (zero padding: the mean colour after normalisation) are concatenated on
+channels, cut into p x p patches, LayerNorm-ed over each patch vector (5 * 3 * p * p values)
+and mapped linearly to the width. Each token then sees its patch and half of each neighbour,
+at the cost of a 5x larger (and still small) embedding matrix.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from flax import nnx
 
 from dino_jax.models.ffn import gelu
 
-STEMS = ('patch', 'conv')
+STEMS = ('patch', 'conv', 'shifted')
 LN_EPS = 1e-6
 
 
@@ -63,10 +70,35 @@ class ConvStem(nnx.Module):
     return self.proj(x)
 
 
+class ShiftedPatchStem(nnx.Module):
+  """Shifted patch tokenization: [x, 4 diagonal half-patch shifts] -> patches -> LN -> linear."""
+
+  def __init__(self, width: int, patch_size: int, *, dtype, rngs: nnx.Rngs):
+    self.patch_size = patch_size
+    n_in = 5 * 3 * patch_size * patch_size
+    self.norm = nnx.LayerNorm(n_in, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+    init = torch_conv_init(n_in)
+    self.proj = nnx.Linear(n_in, width, dtype=dtype, kernel_init=init, bias_init=init,
+                           rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    p, s = self.patch_size, self.patch_size // 2
+    padded = jnp.pad(x, ((0, 0), (s, s), (s, s), (0, 0)))
+    # copy (dy, dx) holds x[i + dy, j + dx] at (i, j), zero outside the image
+    copies = [x] + [padded[:, s + dy:s + dy + h, s + dx:s + dx + w]
+                    for dy, dx in ((-s, -s), (-s, s), (s, -s), (s, s))]
+    x = jnp.concatenate(copies, axis=-1)  # (B, H, W, 5C)
+    x = x.reshape(b, h // p, p, w // p, p, 5 * c).transpose(0, 1, 3, 2, 4, 5)
+    return self.proj(self.norm(x.reshape(b, h // p, w // p, p * p * 5 * c)))
+
+
 def make(stem: str, width: int, patch_size: int, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
   """The patch embedding named `stem`: NHWC images -> (B, H/p, W/p, width)."""
   if stem == 'patch':
     return _conv(3, width, patch_size, patch_size, 'VALID', dtype, rngs)
   if stem == 'conv':
     return ConvStem(width, patch_size, dtype=dtype, rngs=rngs)
+  if stem == 'shifted':
+    return ShiftedPatchStem(width, patch_size, dtype=dtype, rngs=rngs)
   raise ValueError(f'unknown stem {stem!r}; choose one of {STEMS}')

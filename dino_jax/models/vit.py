@@ -103,7 +103,7 @@ class ViTConfig:
   interpolate_antialias: bool = False  # antialiased bicubic (DINOv2 register models)
   remat: str = 'none'  # REMAT_POLICIES name (True/False: 'block'/'none', older configs)
   pack_crops: bool = False  # multi-crop passes as one packed token matrix (DINO.backbone_crops)
-  stem: str = 'patch'  # patch embedding (models/stem.py): 'patch' (official) | 'conv'
+  stem: str = 'patch'  # patch embedding (models/stem.py): 'patch' (official) | 'conv' | 'shifted'
   # DINOv3 options (module docstring; models/rope.py):
   pos_embed: str = 'learned'  # 'learned' (DINO, DINOv2) | 'rope' (no pos_embed parameter)
   rope_base: float = 100.0  # periods base ** (4j / head_dim)
