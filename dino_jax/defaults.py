@@ -200,6 +200,11 @@ def get_config() -> ml_collections.ConfigDict:
   # parameter norm within this factor of its norm where the run started; otherwise the run
   # stops without saving (a diverging run never overwrites its good checkpoints).
   c.max_param_growth = 100.0
+  # Wall-clock budget of one invocation in minutes (0: none), counted from the start of the
+  # training function (build, restore, compile and evaluations included): at the first log
+  # step past it the run stops stepping, evaluates, saves and says so; rerunning the command
+  # goes on from there with a new budget. The schedules keep their length (`epochs`).
+  c.time_limit_minutes = 0.0
   c.init_from = ''  # weights that start a new run: a workdir, WORKDIR/checkpoints/<step>, or
   # official weights converted with `python -m dino_jax.convert import` (.safetensors)
   c.eval_every = 12510  # steps between evals (0: only at the start and the end)

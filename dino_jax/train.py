@@ -149,6 +149,18 @@ def check_sane(step: int, metrics: dict, reference_norm: float, max_growth: floa
         f'checkpoint is intact. {_LEVERS}')
 
 
+def time_up(limit_minutes: float, t_begin: float) -> bool:
+  """Whether `limit_minutes` (0: none) of wall time have passed since `t_begin`, by process
+  0's clock, so that every process of a multi-host run stops at the same step."""
+  if not limit_minutes:
+    return False
+  up = time.time() - t_begin >= 60 * limit_minutes
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    up = bool(multihost_utils.broadcast_one_to_all(jnp.asarray(up)))
+  return up
+
+
 def _fmt_time(seconds: float) -> str:
   seconds = int(seconds)
   return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
@@ -250,6 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   Once steps run, SIGTERM (a preempted TPU VM) saves a checkpoint at the next step boundary
   and returns; before that, the caller's SIGTERM handling applies (main.py: stop at once).
   """
+  t_begin = time.time()  # config.time_limit_minutes counts from here
   writer = mngr = preemption = None
   try:
     run = build(config)
@@ -337,6 +350,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           if config.watchdog.stop:
             raise watchdog_lib.CollapseError(
                 f'{warning}; stopped (config.watchdog.stop); the last checkpoint is intact')
+        if done != total and time_up(config.time_limit_minutes, t_begin):
+          print(f'dino_jax: time limit of {config.time_limit_minutes:g} min reached at step '
+                f'{done} of {total}: evaluating and saving; rerun the same command to go on',
+                flush=True)
+          writer.event(done, 'time_limit', minutes=config.time_limit_minutes)
+          break
       if done != total and preemption.reached(done):
         check(done)
         save(done)
@@ -350,8 +369,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       if config.eval_every and done % config.eval_every == 0 and done != total:
         eval_and_log(done)
     if metrics is not None:
-      check(total)
-    eval_and_log(total)
+      check(int(state.step))
+    eval_and_log(int(state.step))
     if checkpointing.latest_step(mngr) != int(state.step):
       save(int(state.step))
   finally:  # a pending (good) save completes even when the run stops on an error

@@ -166,6 +166,8 @@ def validate(config, n_devices: int | None = None) -> None:
   _check(config.attention_images >= 0, 'attention_images', 'must be >= 0 (0: none)')
   _check(config.max_param_growth > 1, 'max_param_growth',
          f'must be > 1, got {config.max_param_growth}')
+  _check(config.time_limit_minutes >= 0, 'time_limit_minutes',
+         f'must be >= 0 (0: none), got {config.time_limit_minutes}')
   k = config.knn
   _check(k.k > 0, 'knn.k', f'must be positive, got {k.k}')
   _check(k.temperature > 0, 'knn.temperature', f'must be positive, got {k.temperature}')

@@ -76,6 +76,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits_n
     ('dtype', 'float8', 'config.dtype'),
     ('init_from', '/no/such/run', "config.init_from: '/no/such/run' is neither"),
     ('init_from', 'gs://bucket/w.safetensors', 'config.init_from'),
+    ('time_limit_minutes', -5.0, 'config.time_limit_minutes: must be >= 0'),
 ])
 def test_config_errors_name_the_field(field, value, message):
   config = tiny_config(**{field: value})
@@ -124,6 +125,27 @@ def test_restart_resumes_from_latest_checkpoint_exactly(tmp_path, digits_npz):
   assert [l['step'] for l in lines if 'loss' in l] == list(range(1, 9))
   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_time_limit_stops_evaluates_saves_and_resumes(tmp_path, digits_npz, capsys):
+  """A run past its wall-clock budget stops at the next log step (every step here), evaluates
+  and saves there; the same command without the limit goes on to the end."""
+  source = {'data.source': f'npz:{digits_npz}'}
+  stopped = train.train_and_evaluate(tiny_config(**source, time_limit_minutes=1e-9),
+                                     str(tmp_path))
+  assert int(stopped.step) == 1
+  assert 'time limit of 1e-09 min reached at step 1 of 8: evaluating and saving' in \
+      capsys.readouterr().out
+  assert checkpointing.latest_step(checkpointing.manager(str(tmp_path))) == 1
+  lines = read_metrics(tmp_path)
+  assert [l['step'] for l in lines if l.get('event') == 'time_limit'] == [1]
+  assert [l['step'] for l in lines if 'knn_top1' in l] == [1]
+  resumed = train.train_and_evaluate(tiny_config(**source), str(tmp_path))
+  assert int(resumed.step) == 8
+  lines = read_metrics(tmp_path)
+  assert [l['step'] for l in lines if l.get('event') == 'start'] == [0, 1]
+  assert [l['step'] for l in lines if 'loss' in l] == list(range(1, 9))
+  assert [l['step'] for l in lines if 'knn_top1' in l] == [1, 8]
 
 
 @pytest.mark.parametrize('name', ['vit_s16', 'cpu', 'cifar'])
