@@ -188,3 +188,5 @@ def test_small_data_recipes_keep_what_makes_them_learn():
   c = config_file.load(REPO / 'configs' / 'cifar.py')
   assert c.loss.ibot_weight == 1.0 and c.data.source.endswith('cifar10_subset.npz')
   assert c.epochs * (10000 // c.batch_size) == 5616
+  # the 30-minute budget holds on a slow day: stop, evaluate and save within it
+  assert 0 < c.time_limit_minutes <= 29
